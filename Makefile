@@ -1,0 +1,49 @@
+# The two set-up commands are `make demo` and `make test`; both install what they need.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+CNI_BIN := bin/cni/tulle
+STAMPS := .make
+
+.PHONY: all deps venv cni demo test unit lint bench clean
+
+all: cni
+
+$(STAMPS):
+	mkdir -p $(STAMPS)
+
+deps: $(STAMPS)/deps
+$(STAMPS)/deps: scripts/install-deps | $(STAMPS)
+	./scripts/install-deps
+	touch $@
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/deps | $(STAMPS)
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# The CNI plugin: a zipapp of the stdlib-only modules, started by /usr/bin/python3 -S.
+cni: $(CNI_BIN)
+$(CNI_BIN): $(wildcard src/tulle/cni/*.py) src/tulle/__init__.py scripts/build-cni-plugin $(STAMPS)/venv
+	$(PY) scripts/build-cni-plugin $@
+
+demo: deps venv cni
+	$(VENV)/bin/tulle demo $(DEMO_ARGS)
+
+lint: venv
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+	$(PY) -m mypy
+
+unit: venv cni
+	$(PY) -m pytest -q tests/unit
+
+test: deps venv cni lint
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: deps venv cni
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf bin $(STAMPS) build src/*.egg-info

@@ -1,0 +1,101 @@
+"""The agent's record of the endpoints (pod interfaces) on its node, kept on disk.
+
+Keyed as the CNI spec says state must be: (network name, container ID, interface name).
+Each endpoint is one JSON file written atomically, so an agent killed at any point leaves
+either the old or the new record, never half of one. An endpoint is recorded as `adding`
+before anything is allocated, so that a crash in the middle of an ADD is rolled back on start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Endpoint:
+    network: str
+    container_id: str
+    ifname: str
+    netns: str
+    namespace: str
+    pod: str
+    host_ifname: str
+    state: str = "adding"  # "adding" until the ADD completed, then "ready"
+    ips: list[str] = field(default_factory=list)  # with prefix: 10.244.1.5/32
+    mac: str = ""
+    host_mac: str = ""
+    mtu: int = 1500
+
+    @property
+    def handle(self) -> str:
+        """The IPAM handle: who holds the addresses."""
+        return handle_for(self.network, self.container_id, self.ifname)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Endpoint:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def handle_for(network: str, container_id: str, ifname: str) -> str:
+    return f"{network}/{container_id}/{ifname}"
+
+
+def host_ifname_for(network: str, container_id: str, ifname: str) -> str:
+    """The host side of the pod's veth: 'tl' and 11 hex digits, stable for one attachment."""
+    digest = hashlib.sha256(handle_for(network, container_id, ifname).encode()).hexdigest()
+    return "tl" + digest[:11]
+
+
+class EndpointRegistry:
+    def __init__(self, state_dir: str) -> None:
+        self.folder = os.path.join(state_dir, "endpoints")
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, network: str, container_id: str, ifname: str) -> str:
+        name = hashlib.sha256(handle_for(network, container_id, ifname).encode()).hexdigest()[:32]
+        return os.path.join(self.folder, name + ".json")
+
+    def get(self, network: str, container_id: str, ifname: str) -> Endpoint | None:
+        try:
+            with open(self._path(network, container_id, ifname)) as f:
+                return Endpoint.from_dict(json.load(f))
+        except FileNotFoundError:
+            return None
+
+    def put(self, endpoint: Endpoint) -> None:
+        path = self._path(endpoint.network, endpoint.container_id, endpoint.ifname)
+        tmp = f"{path}.tmp"
+        with self._lock:
+            with open(tmp, "w") as f:
+                json.dump(endpoint.to_dict(), f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+    def remove(self, endpoint: Endpoint) -> None:
+        try:
+            os.unlink(self._path(endpoint.network, endpoint.container_id, endpoint.ifname))
+        except FileNotFoundError:
+            pass
+
+    def all(self) -> list[Endpoint]:
+        out = []
+        for name in sorted(os.listdir(self.folder)):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.folder, name)) as f:
+                    out.append(Endpoint.from_dict(json.load(f)))
+            except (OSError, ValueError):
+                continue
+        return out

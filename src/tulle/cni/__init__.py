@@ -1,0 +1,1 @@
+"""The thin CNI plugin and the CNI specification (standard library only)."""

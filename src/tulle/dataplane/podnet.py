@@ -1,0 +1,226 @@
+"""The pod's interface: a veth pair from the node into the pod's namespace (the only code that
+plumbs pods into the kernel).
+
+Routed, like Calico: the pod gets its addresses as /32 and /128 and a default route to a
+link-local gateway (169.254.1.1, fe80::1) answered by the host side of the veth, whose MAC is
+fixed. Both sides get permanent neighbour entries, so no ARP or NDP is needed before the first
+packet; the node routes each pod address to its veth. No bridge: every pod has its own
+interface on the node, which is where policy is enforced.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tulle.dataplane.netns import NetnsGone, run_in_netns
+
+RTPROT_TULLE = 211  # marks the routes Tulle owns (rt_protos: unassigned)
+GATEWAY_V4 = "169.254.1.1"
+GATEWAY_V6 = "fe80::1"
+HOST_MAC = "ee:ee:ee:ee:ee:ee"
+IFA_F_NODAD = 0x02
+NUD_PERMANENT = 0x80
+
+
+class PodNetError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PodInterface:
+    netns: str
+    ifname: str
+    host_ifname: str
+    addresses: tuple[str, ...]  # pod addresses with prefix length: 10.244.1.5/32, fd00::5/128
+    mtu: int
+
+
+def _addresses(pod: PodInterface) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    return [ipaddress.ip_interface(a) for a in pod.addresses]
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _pod_side(pod: PodInterface) -> str:
+    """Configure the pod's end inside its namespace; return its MAC."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, pod.ifname)
+        if idx is None:
+            raise PodNetError(f"interface {pod.ifname} did not arrive in {pod.netns}")
+        for iface in _addresses(pod):
+            flags = IFA_F_NODAD if iface.version == 6 else 0
+            ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, flags=flags)
+        ipr.link("set", index=idx, state="up")
+        families = {iface.version for iface in _addresses(pod)}
+        if 4 in families:
+            ipr.neigh("add", dst=GATEWAY_V4, lladdr=HOST_MAC, ifindex=idx, state=NUD_PERMANENT)
+            ipr.route("add", dst=f"{GATEWAY_V4}/32", oif=idx, scope="link")
+            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=idx)
+        if 6 in families:
+            ipr.neigh(
+                "add",
+                dst=GATEWAY_V6,
+                lladdr=HOST_MAC,
+                ifindex=idx,
+                state=NUD_PERMANENT,
+                family=socket.AF_INET6,
+            )
+            ipr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=idx, family=socket.AF_INET6)
+        link = ipr.get_links(idx)[0]
+        return str(link.get("address"))
+
+
+def ensure_host_side(pod: PodInterface, pod_mac: str) -> list[str]:
+    """Make the node's end of the veth as it must be; return what had to be changed.
+
+    Idempotent: the agent calls it for every pod on start, so a route deleted while the agent
+    was down comes back, and nothing that is right is touched.
+    """
+    changed: list[str] = []
+    with IPRoute() as ipr:
+        idx = _index(ipr, pod.host_ifname)
+        if idx is None:
+            raise PodNetError(f"host interface {pod.host_ifname} of the pod is missing")
+        link = ipr.get_links(idx)[0]
+        if link.get("state") != "up":
+            ipr.link("set", index=idx, state="up")
+            changed.append("link up")
+        families = {iface.version for iface in _addresses(pod)}
+        if 6 in families:
+            have = {a.get("address") for a in ipr.get_addr(index=idx, family=socket.AF_INET6)}
+            if GATEWAY_V6 not in have:
+                ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=IFA_F_NODAD)
+                changed.append(f"address {GATEWAY_V6}")
+        for iface in _addresses(pod):
+            family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+            dst = str(iface.ip)
+            routes = [
+                r
+                for r in ipr.get_routes(family=family, dst=dst, table=254)
+                if r.get("dst_len") == iface.max_prefixlen and r.get("oif") == idx
+            ]
+            if not routes:
+                ipr.route(
+                    "replace",
+                    dst=f"{dst}/{iface.max_prefixlen}",
+                    oif=idx,
+                    scope="link",
+                    proto=RTPROT_TULLE,
+                    family=family,
+                )
+                changed.append(f"route {dst}")
+            neighbours = [n for n in ipr.get_neighbours(family=family, ifindex=idx) if n.get("dst") == dst]
+            if not any(n.get("lladdr") == pod_mac and n.get("state") == NUD_PERMANENT for n in neighbours):
+                ipr.neigh("replace", dst=dst, lladdr=pod_mac, ifindex=idx, state=NUD_PERMANENT, family=family)
+                changed.append(f"neighbour {dst}")
+    return changed
+
+
+def create(pod: PodInterface) -> str:
+    """Create the veth pair and configure both ends; return the pod side's MAC.
+
+    All or nothing: on any failure the pair is deleted again.
+    """
+
+    def pod_has_ifname() -> bool:
+        with IPRoute() as ipr:
+            return _index(ipr, pod.ifname) is not None
+
+    if run_in_netns(pod.netns, pod_has_ifname):
+        raise PodNetError(f"interface {pod.ifname} already exists in {pod.netns}")
+    with IPRoute() as ipr:
+        if _index(ipr, pod.host_ifname) is not None:
+            # Left over from an ADD that failed half-way for this very attachment.
+            ipr.link("del", ifname=pod.host_ifname)
+        with open(pod.netns) as ns:
+            try:
+                ipr.link(
+                    "add",
+                    ifname=pod.host_ifname,
+                    kind="veth",
+                    address=HOST_MAC,
+                    mtu=pod.mtu,
+                    peer={"ifname": pod.ifname, "net_ns_fd": ns.fileno(), "mtu": pod.mtu},
+                )
+            except NetlinkError as exc:
+                raise PodNetError(f"cannot create the veth pair {pod.host_ifname}: {exc}")
+    try:
+        mac = run_in_netns(pod.netns, lambda: _pod_side(pod))
+        ensure_host_side(pod, mac)
+        return mac
+    except BaseException:
+        delete(pod.host_ifname)
+        raise
+
+
+def delete(host_ifname: str) -> bool:
+    """Delete the pair by its host side (the pod side goes with it); False if it was not there."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, host_ifname)
+        if idx is None:
+            return False
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as exc:
+            if exc.code != 19:  # ENODEV: gone already
+                raise
+        return True
+
+
+def host_side_exists(host_ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return _index(ipr, host_ifname) is not None
+
+
+def check(pod: PodInterface, expect_routes: list[str]) -> list[str]:
+    """What is missing or wrong, for CNI CHECK; an empty list means all is as the ADD left it."""
+    problems: list[str] = []
+    with IPRoute() as ipr:
+        idx = _index(ipr, pod.host_ifname)
+        if idx is None:
+            return [f"host interface {pod.host_ifname} is missing"]
+        for iface in _addresses(pod):
+            family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+            if not [
+                r
+                for r in ipr.get_routes(family=family, dst=str(iface.ip), table=254)
+                if r.get("oif") == idx and r.get("dst_len") == iface.max_prefixlen
+            ]:
+                problems.append(f"the node has no route to {iface.ip} via {pod.host_ifname}")
+
+    def inside() -> list[str]:
+        found: list[str] = []
+        with IPRoute() as ipr:
+            idx = _index(ipr, pod.ifname)
+            if idx is None:
+                return [f"interface {pod.ifname} is missing in {pod.netns}"]
+            have = {f"{a.get('address')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)}
+            for iface in _addresses(pod):
+                if str(iface) not in have:
+                    found.append(f"address {iface} is missing on {pod.ifname} in {pod.netns}")
+            for dst in expect_routes:
+                net = ipaddress.ip_network(dst)
+                family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+                routes = [
+                    r
+                    for r in ipr.get_routes(family=family, table=254)
+                    if r.get("dst_len") == net.prefixlen
+                    and (net.prefixlen == 0 or r.get("dst") == str(net.network_address))
+                ]
+                if not routes:
+                    found.append(f"route {dst} is missing in {pod.netns}")
+        return found
+
+    try:
+        problems.extend(run_in_netns(pod.netns, inside))
+    except NetnsGone:
+        problems.append(f"network namespace {pod.netns} does not exist")
+    return problems

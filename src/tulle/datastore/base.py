@@ -1,0 +1,88 @@
+"""The datastore interface: the one contract every backend (etcd, later the Kubernetes API) keeps.
+
+Invariants (docs/design/datastore.md):
+- every value carries the revision of its last change (`mod_revision`);
+- `update` and `delete` with an expected revision are compare-and-swap: they change nothing
+  and return False when somebody changed the key since;
+- `create` succeeds for exactly one caller when several race on one key;
+- `watch(prefix, revision)` delivers every change after `revision` in order, so that
+  `list` followed by `watch` from the listed revision misses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class DatastoreError(Exception):
+    """The datastore could not be reached or refused a request."""
+
+
+class WatchExpired(DatastoreError):
+    """The requested revision was compacted: list again and watch from the new revision."""
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: str  # "put" or "delete"
+    key: str
+    value: bytes  # empty for deletes
+    mod_revision: int
+
+
+class Watch(Protocol):
+    def __iter__(self) -> Iterator[WatchEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Datastore(Protocol):
+    def get(self, key: str) -> KeyValue | None:
+        """The key's value and revision, or None."""
+        ...
+
+    def list(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """All keys under prefix and the store revision they were read at."""
+        ...
+
+    def watch(self, prefix: str, start_revision: int) -> Watch:
+        """Changes under prefix from start_revision on (inclusive)."""
+        ...
+
+    def create(self, key: str, value: bytes, lease: int = 0) -> bool:
+        """Put the key only if it does not exist; True if this call created it."""
+        ...
+
+    def update(self, key: str, value: bytes, expected_revision: int, lease: int = 0) -> bool:
+        """Compare-and-swap: put only if the key's mod_revision is still expected_revision."""
+        ...
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Unconditional put; returns the new revision."""
+        ...
+
+    def delete(self, key: str, expected_revision: int | None = None) -> bool:
+        """Delete the key (only at expected_revision when given); True if it was deleted."""
+        ...
+
+    def grant_lease(self, ttl_seconds: int) -> int:
+        """A new lease; keys put with it vanish when it is not kept alive."""
+        ...
+
+    def keepalive(self, lease: int) -> int:
+        """Refresh the lease; returns the remaining TTL, or -1 if it already expired."""
+        ...
+
+    def revoke_lease(self, lease: int) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,127 @@
+"""Start and stop a real etcd server (Debian's etcd-server) for the lab and the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+from tulle.datastore.etcd import EtcdDatastore
+
+ETCD = "/usr/bin/etcd"
+
+
+@dataclass
+class EtcdServer:
+    pid: int
+    url: str
+    data_dir: str
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_etcd(
+    data_dir: str,
+    client_host: str,
+    client_port: int,
+    peer_port: int,
+    log_path: str,
+    netns: str | None = None,
+    name: str = "tulle",
+) -> EtcdServer:
+    """Start etcd (inside netns when given) and wait until it answers; the caller owns the PID."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    host = f"[{client_host}]" if ":" in client_host else client_host
+    url = f"http://{host}:{client_port}"
+    cmd = [
+        ETCD,
+        "--name", name,
+        "--data-dir", data_dir,
+        "--listen-client-urls", url,
+        "--advertise-client-urls", url,
+        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-cluster", f"{name}=http://127.0.0.1:{peer_port}",
+        "--log-level", "warn",
+        "--logger", "zap",
+        # keep revisions for watches that resume after an agent restart
+        "--auto-compaction-mode", "revision",
+        "--auto-compaction-retention", "100000",
+        "--quota-backend-bytes", str(2 * 1024**3),
+        "--unsafe-no-fsync",  # test bed only: fsync costs seconds on this VM's disk
+    ]  # fmt: skip
+    if netns:
+        cmd = ["nsenter", f"--net=/run/netns/{netns}", *cmd]
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    log.close()
+    server = EtcdServer(pid=proc.pid, url=url, data_dir=data_dir)
+    deadline = time.monotonic() + 20
+    probe_error = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd exited with status {proc.returncode}; see {log_path}")
+        try:
+            if netns:
+                # the probe must run where etcd listens
+                from tulle.dataplane.netns import run_in_netns
+
+                run_in_netns(f"/run/netns/{netns}", lambda: EtcdDatastore(url, timeout=1).revision())
+            else:
+                EtcdDatastore(url, timeout=1).revision()
+            return server
+        except Exception as exc:
+            probe_error = str(exc)
+            time.sleep(0.1)
+    stop_pid(proc.pid)
+    raise RuntimeError(f"etcd did not answer at {url} within 20 s: {probe_error}; see {log_path}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 10.0, expect: str | None = None) -> None:
+    """Stop one process by PID: SIGTERM, then SIGKILL. `expect` guards against a reused PID."""
+    if expect is not None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if expect.encode() not in f.read():
+                    return
+        except FileNotFoundError:
+            return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == pid:
+                    return
+            except ChildProcessError:
+                pass
+            if not pid_alive(pid):
+                return
+            time.sleep(0.05)

@@ -1,0 +1,225 @@
+"""Per-node address allocation from blocks claimed in the datastore.
+
+Invariants (docs/design/ipam.md):
+1. A block belongs to at most one node: it is claimed with create-if-absent.
+2. An address is given to at most one handle: allocations live in the block object and change
+   only by compare-and-swap on its revision.
+3. A dual-stack allocation is all or nothing: if one family fails, the other is given back.
+4. Releasing is idempotent: releasing a handle that holds nothing succeeds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tulle.datastore.base import Datastore, KeyValue
+from tulle.ipam.pools import IPAddress, IPNetwork, Pool
+
+log = logging.getLogger(__name__)
+
+
+class IpamError(Exception):
+    """No address could be given; the message says why and what to do."""
+
+
+@dataclass
+class Block:
+    cidr: IPNetwork
+    pool: str
+    node: str
+    allocations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    revision: int = 0
+
+    @property
+    def family(self) -> int:
+        return self.cidr.version
+
+    def to_json(self) -> bytes:
+        body = {"cidr": str(self.cidr), "pool": self.pool, "node": self.node, "allocations": self.allocations}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_kv(cls, kv: KeyValue) -> Block:
+        body = json.loads(kv.value)
+        return cls(
+            cidr=ipaddress.ip_network(body["cidr"]),
+            pool=body.get("pool", ""),
+            node=body["node"],
+            allocations=dict(body.get("allocations", {})),
+            revision=kv.mod_revision,
+        )
+
+    def free_address(self, reserved: Iterable[str] = ()) -> IPAddress | None:
+        taken = set(self.allocations) | set(reserved)
+        for address in self.cidr:
+            if str(address) not in taken:
+                return address
+        return None
+
+
+def blocks_prefix(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/ipam/blocks/"
+
+
+def block_key(prefix: str, cidr: IPNetwork) -> str:
+    return blocks_prefix(prefix) + str(cidr).replace("/", "_")
+
+
+def list_blocks(datastore: Datastore, prefix: str) -> list[Block]:
+    kvs, _ = datastore.list(blocks_prefix(prefix))
+    return [Block.from_kv(kv) for kv in kvs]
+
+
+class NodeAllocator:
+    """Gives this node's pods addresses from blocks the node claims.
+
+    >>> alloc = NodeAllocator(store, "/tulle", "node1", lambda: pools)  # doctest: +SKIP
+    >>> alloc.allocate("ctr1/eth0", [4, 6], {"pod": "default/web"})     # doctest: +SKIP
+    [IPv4Address('10.244.3.0'), IPv6Address('fd00:10:244::c0')]
+    """
+
+    def __init__(self, datastore: Datastore, prefix: str, node: str, pools: Callable[[], list[Pool]]) -> None:
+        self.datastore = datastore
+        self.prefix = prefix
+        self.node = node
+        self._pools = pools
+        self._lock = threading.RLock()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def local_blocks(self) -> list[Block]:
+        return [b for b in list_blocks(self.datastore, self.prefix) if b.node == self.node]
+
+    def allocations(self) -> dict[str, list[str]]:
+        """handle -> addresses, over this node's blocks."""
+        out: dict[str, list[str]] = {}
+        for block in self.local_blocks():
+            for address, attrs in block.allocations.items():
+                out.setdefault(attrs["handle"], []).append(address)
+        return out
+
+    # -- claiming blocks ---------------------------------------------------------------------
+
+    def _pools_for(self, family: int) -> list[Pool]:
+        return sorted((p for p in self._pools() if p.family == family), key=lambda p: p.name)
+
+    def claim_block(self, family: int) -> Block:
+        """Claim one more block of this family for this node (invariant 1)."""
+        pools = self._pools_for(family)
+        if not pools:
+            raise IpamError(f"no IPv{family} pool is configured: create an IPPool with an IPv{family} cidr")
+        for pool in pools:
+            while True:
+                taken = {str(b.cidr) for b in list_blocks(self.datastore, self.prefix)}
+                candidate = next((c for c in pool.blocks_from(self.node) if str(c) not in taken), None)
+                if candidate is None:
+                    break  # this pool is full; try the next one
+                block = Block(cidr=candidate, pool=pool.name, node=self.node)
+                if self.datastore.create(block_key(self.prefix, candidate), block.to_json()):
+                    log.info("claimed block", extra={"block": str(candidate), "pool": pool.name})
+                    stored = self.datastore.get(block_key(self.prefix, candidate))
+                    assert stored is not None
+                    return Block.from_kv(stored)
+                # another node claimed it between our read and our create: read again
+        total = sum(p.block_count() for p in pools)
+        names = ", ".join(f"{p.name} ({p.cidr}, /{p.block_size} blocks)" for p in pools)
+        raise IpamError(
+            f"node {self.node} cannot claim an IPv{family} block: all {total} blocks of {names} are claimed "
+            "by other nodes; add an IPPool or free blocks by removing nodes"
+        )
+
+    def ensure_block(self, family: int) -> Block:
+        """A block of this family for this node, claiming one if it has none."""
+        with self._lock:
+            for block in self.local_blocks():
+                if block.family == family:
+                    return block
+            return self.claim_block(family)
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def _allocate_one(self, handle: str, family: int, attrs: dict[str, Any]) -> IPAddress:
+        for _attempt in range(100):
+            blocks = [b for b in self.local_blocks() if b.family == family]
+            for block in sorted(blocks, key=lambda b: int(b.cidr.network_address)):
+                address = block.free_address()
+                if address is None:
+                    continue
+                block.allocations[str(address)] = dict(attrs, handle=handle)
+                if self.datastore.update(block_key(self.prefix, block.cidr), block.to_json(), block.revision):
+                    return address
+                break  # the block changed under us (invariant 2): read again
+            else:
+                self.claim_block(family)
+        raise IpamError(
+            f"could not allocate an IPv{family} address for {handle}: the datastore kept changing"
+        )
+
+    def allocate(
+        self, handle: str, families: list[int], attrs: dict[str, Any] | None = None
+    ) -> list[IPAddress]:
+        """One address per family for handle; all or nothing (invariant 3)."""
+        with self._lock:
+            existing = self.allocations().get(handle)
+            if existing:
+                # The same handle asks again (a retried ADD): give it what it has.
+                have = [ipaddress.ip_address(a) for a in existing]
+                if sorted(a.version for a in have) == sorted(families):
+                    return sorted(have, key=lambda a: a.version)
+                self.release(handle)
+            given: list[IPAddress] = []
+            try:
+                for family in families:
+                    given.append(self._allocate_one(handle, family, attrs or {}))
+            except Exception:
+                self.release(handle)
+                raise
+            return given
+
+    def release(self, handle: str) -> list[str]:
+        """Give back every address the handle holds on this node (invariant 4)."""
+        with self._lock:
+            released: list[str] = []
+            for _attempt in range(100):
+                retry = False
+                for block in self.local_blocks():
+                    mine = [a for a, attrs in block.allocations.items() if attrs.get("handle") == handle]
+                    if not mine:
+                        continue
+                    for address in mine:
+                        del block.allocations[address]
+                    if self.datastore.update(
+                        block_key(self.prefix, block.cidr), block.to_json(), block.revision
+                    ):
+                        released.extend(mine)
+                    else:
+                        retry = True
+                if not retry:
+                    return released
+            raise IpamError(f"could not release the addresses of {handle}: the datastore kept changing")
+
+    def release_unless(self, keep: Callable[[str], bool]) -> dict[str, list[str]]:
+        """Release every handle on this node for which keep(handle) is False (garbage collection)."""
+        with self._lock:
+            out: dict[str, list[str]] = {}
+            for handle in list(self.allocations()):
+                if not keep(handle):
+                    out[handle] = self.release(handle)
+            return out
+
+
+def release_node_blocks(datastore: Datastore, prefix: str, node: str) -> list[str]:
+    """Free every block a node holds (the node is gone); compare-and-swap per block."""
+    freed = []
+    for block in list_blocks(datastore, prefix):
+        if block.node == node and datastore.delete(
+            block_key(prefix, block.cidr), expected_revision=block.revision
+        ):
+            freed.append(str(block.cidr))
+    return freed

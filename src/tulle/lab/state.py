@@ -1,0 +1,68 @@
+"""Where a lab keeps its state, and how other commands find the lab's datastore."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+LABS_DIR = os.environ.get("TULLE_LABS_DIR", "/run/tulle/labs")
+
+
+class LabNotFound(Exception):
+    pass
+
+
+def lab_dir(name: str) -> str:
+    return os.path.join(LABS_DIR, name)
+
+
+def state_path(name: str) -> str:
+    return os.path.join(lab_dir(name), "lab.json")
+
+
+def load(name: str) -> dict[str, Any]:
+    try:
+        with open(state_path(name)) as f:
+            state: dict[str, Any] = json.load(f)
+            return state
+    except FileNotFoundError:
+        raise LabNotFound(f"there is no lab named {name!r} (see `tulle lab up`)")
+
+
+def save(name: str, state: dict[str, Any]) -> None:
+    path = state_path(name)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def locked(name: str) -> Iterator[dict[str, Any]]:
+    """The lab's state, locked against other `tulle lab` commands, saved on exit."""
+    os.makedirs(lab_dir(name), exist_ok=True)
+    with open(os.path.join(lab_dir(name), ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            state = load(name)
+        except LabNotFound:
+            state = {}
+        yield state
+        if state:
+            save(name, state)
+
+
+def enter_lab_datastore(name: str) -> str:
+    """Move this process into the lab's underlay namespace, where its etcd listens; return the URL.
+
+    The lab's etcd lives on the underlay (never in the root namespace), so the CLI goes to it.
+    """
+    from tulle.dataplane.netns import enter_netns
+
+    state = load(name)
+    enter_netns(f"/run/netns/{state['underlay']['netns']}")
+    return str(state["etcd"]["url"])
