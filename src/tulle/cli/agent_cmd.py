@@ -1,14 +1,107 @@
-"""Placeholder: subcommands are added here."""
+"""`tulle agent` (the node daemon) and `tulle install-cni` (put the plugin on a host)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import socket
 from typing import Any
+
+from tulle.cli.common import UserError
+
+DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
+DEFAULT_CNI_CONF_DIR = "/etc/cni/net.d"
 
 
 def register(sub: Any) -> None:
-    del sub
+    p = sub.add_parser("agent", help="run the node agent")
+    p.add_argument("--node", default=socket.gethostname(), help="this node's name (default: the host name)")
+    p.add_argument("--datastore", required=True, metavar="URL", help="etcd URL, e.g. http://10.0.0.1:2379")
+    p.add_argument("--mode", default="vxlan", choices=["host-gw", "vxlan", "hybrid"], help="routing between nodes")
+    p.add_argument("--state-dir", default="/var/lib/tulle", help="where the agent keeps its state")
+    p.add_argument("--socket", default="/run/tulle/agent.sock", help="the unix socket the CNI plugin calls")
+    p.add_argument("--interface", help="the underlay interface (default: the one with the default route)")
+    p.add_argument("--lease-ttl", type=int, default=15, help="seconds the node's registration outlives the agent")
+    p.add_argument("--node-grace", type=float, default=60.0, help="seconds before a gone node's blocks are freed")
+    p.add_argument("--resync", type=float, default=30.0, help="seconds between full reconciles")
+    p.add_argument("--mtu", type=int, help="pod MTU (default: from the underlay and the mode)")
+    p.add_argument("--prefix", default="/tulle", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+    p = sub.add_parser("install-cni", help="install the CNI plugin and its network configuration on this host")
+    p.add_argument("--bin-dir", default=DEFAULT_CNI_BIN_DIR)
+    p.add_argument("--conf-dir", default=DEFAULT_CNI_CONF_DIR)
+    p.add_argument("--socket", default="/run/tulle/agent.sock")
+    p.add_argument("--state-dir", default="/var/lib/tulle")
+    p.add_argument("--network", default="tulle", help="the network name in the conflist")
+    p.set_defaults(func=install_cni)
 
 
-def _unused(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from tulle.agent import logs
+    from tulle.agent.daemon import AgentConfig, run_agent
+
+    logs.setup(args.log_level)
+    config = AgentConfig(
+        node=args.node,
+        datastore=args.datastore,
+        mode=args.mode,
+        prefix=args.prefix,
+        state_dir=args.state_dir,
+        socket=args.socket,
+        interface=args.interface,
+        lease_ttl=args.lease_ttl,
+        node_grace=args.node_grace,
+        resync_interval=args.resync,
+        mtu=args.mtu,
+    )
+    run_agent(config)
+    return 0
+
+
+def plugin_binary() -> str:
+    """The built plugin (make cni): bin/cni/tulle in the checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.normpath(os.path.join(here, "..", "..", "..", "bin", "cni", "tulle"))
+    if not os.path.exists(path):
+        raise UserError(f"the CNI plugin is not built: run `make cni` (expected {path})")
+    return path
+
+
+def conflist(network: str, socket_path: str, state_dir: str, cni_version: str = "1.0.0") -> dict[str, Any]:
+    """The network configuration list: tulle first, portmap after it (chained)."""
+    return {
+        "cniVersion": cni_version,
+        "name": network,
+        "plugins": [
+            {"type": "tulle", "agentSocket": socket_path, "stateDir": state_dir},
+            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+        ],
+    }
+
+
+def write_conflist(conf_dir: str, data: dict[str, Any], filename: str = "10-tulle.conflist") -> str:
+    os.makedirs(conf_dir, exist_ok=True)
+    path = os.path.join(conf_dir, filename)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def install_cni(args: argparse.Namespace) -> int:
+    os.makedirs(args.bin_dir, exist_ok=True)
+    target = os.path.join(args.bin_dir, "tulle")
+    tmp = target + ".tmp"
+    shutil.copyfile(plugin_binary(), tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)  # atomic: a runtime never runs half a binary
+    conf = write_conflist(args.conf_dir, conflist(args.network, args.socket, args.state_dir))
+    print(f"installed {target}")
+    print(f"installed {conf}")
     return 0

@@ -1,14 +1,247 @@
-"""Placeholder: subcommands are added here."""
+"""`tulle lab`: the multi-node cluster in network namespaces (our test bed and demo)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
+
+from tulle.cli.common import UserError, print_json, print_table
 
 
 def register(sub: Any) -> None:
-    del sub
+    lab = sub.add_parser("lab", help="a multi-node cluster made of network namespaces")
+    labsub = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
+
+    p = labsub.add_parser("up", help="create a lab: underlay, etcd, nodes with agents")
+    p.add_argument("name")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--mode", choices=["host-gw", "vxlan", "hybrid"], default="vxlan")
+    p.add_argument("--ipv4-only", action="store_true", help="IPv4 pools only (default: dual-stack)")
+    p.add_argument("--lease-ttl", type=int, default=15, help=argparse.SUPPRESS)
+    p.add_argument("--node-grace", type=float, default=60.0, help="seconds before a gone node's blocks are freed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=up)
+
+    p = labsub.add_parser("down", help="stop everything of a lab and remove it")
+    p.add_argument("name")
+    p.set_defaults(func=down)
+
+    node = labsub.add_parser("node", help="add or remove a node")
+    nodesub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    p = nodesub.add_parser("add")
+    p.add_argument("name")
+    p.add_argument("node")
+    p.set_defaults(func=node_add)
+    p = nodesub.add_parser("del")
+    p.add_argument("name")
+    p.add_argument("node")
+    p.set_defaults(func=node_del)
+    p = nodesub.add_parser("restart-agent", help="stop a node's agent and start it again")
+    p.add_argument("name")
+    p.add_argument("node")
+    p.set_defaults(func=node_restart_agent)
+
+    pod = labsub.add_parser("pod", help="add or remove a pod")
+    podsub = pod.add_subparsers(dest="pod_command", metavar="COMMAND", required=True)
+    p = podsub.add_parser("add")
+    p.add_argument("name")
+    p.add_argument("node")
+    p.add_argument("pod", metavar="NAMESPACE/POD")
+    p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p.add_argument("--port", action="append", default=[], metavar="NAME:NUMBER/PROTO")
+    p.add_argument("--runtime", choices=["cni", "podman"], default="cni")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=pod_add)
+    p = podsub.add_parser("del")
+    p.add_argument("name")
+    p.add_argument("pod", metavar="NAMESPACE/POD")
+    p.set_defaults(func=pod_del)
+
+    p = labsub.add_parser("exec", help="run a command in a pod's network namespace")
+    p.add_argument("name")
+    p.add_argument("pod", metavar="NAMESPACE/POD")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    p.set_defaults(func=exec_in_pod)
+
+    p = labsub.add_parser("status", help="nodes, pods and the external host of a lab")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=status)
 
 
-def _unused(args: argparse.Namespace) -> int:
+def _lab(name: str) -> Any:
+    from tulle.lab.cluster import Lab, LabError
+
+    try:
+        return Lab(name)
+    except LabError as exc:
+        raise UserError(str(exc))
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from tulle.lab.cluster import LabError
+    from tulle.lab.podman import PodmanError
+    from tulle.lab.runtime import CniFailure
+    from tulle.lab.state import LabNotFound
+    from tulle.lab.topology import TopologyError
+
+    return (LabError, LabNotFound, TopologyError, CniFailure, PodmanError)
+
+
+def _progress(enabled: bool) -> Any:
+    def show(message: str) -> None:
+        if enabled:
+            print(f"  {message}...", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _split_pod(value: str) -> tuple[str, str]:
+    namespace, sep, pod = value.partition("/")
+    if not sep or not namespace or not pod:
+        raise UserError(f"{value!r} is not NAMESPACE/POD")
+    return namespace, pod
+
+
+def up(args: argparse.Namespace) -> int:
+    lab = _lab(args.name)
+    try:
+        lab.up(
+            nodes=args.nodes,
+            mode=args.mode,
+            ipv4_only=args.ipv4_only,
+            lease_ttl=args.lease_ttl,
+            node_grace=args.node_grace,
+            progress=_progress(not args.json),
+        )
+    except _errors() as exc:
+        raise UserError(f"{exc}\n(the lab is left as it is for inspection; `tulle lab down {args.name}` removes it)")
+    info = lab.status()
+    if args.json:
+        print_json(info)
+    else:
+        print(f"lab {args.name} is up: {len(info['nodes'])} nodes, {info['mode']} mode, etcd at {info['etcd']}")
+    return 0
+
+
+def down(args: argparse.Namespace) -> int:
+    _lab(args.name).down(progress=_progress(True))
+    print(f"lab {args.name} is down")
+    return 0
+
+
+def node_add(args: argparse.Namespace) -> int:
+    try:
+        record = _lab(args.name).add_node(args.node)
+    except _errors() as exc:
+        raise UserError(str(exc))
+    print(f"node {args.node} added ({', '.join(record['addresses'])})")
+    return 0
+
+
+def node_del(args: argparse.Namespace) -> int:
+    try:
+        _lab(args.name).del_node(args.node)
+    except _errors() as exc:
+        raise UserError(str(exc))
+    print(f"node {args.node} removed")
+    return 0
+
+
+def node_restart_agent(args: argparse.Namespace) -> int:
+    try:
+        pid = _lab(args.name).restart_agent(args.node)
+    except _errors() as exc:
+        raise UserError(str(exc))
+    print(f"agent of {args.node} restarted (pid {pid})")
+    return 0
+
+
+def parse_port(value: str) -> dict[str, Any]:
+    """NAME:NUMBER/PROTO, e.g. http:80/TCP (protocol defaults to TCP)."""
+    name, sep, rest = value.partition(":")
+    number, _, proto = rest.partition("/")
+    if not sep or not name or not number.isdigit():
+        raise UserError(f"--port {value!r}: expected NAME:NUMBER/PROTO, e.g. http:80/TCP")
+    return {"name": name, "containerPort": int(number), "protocol": (proto or "TCP").upper()}
+
+
+def parse_labels(values: list[str]) -> dict[str, str]:
+    labels = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise UserError(f"--label {value!r}: expected KEY=VALUE")
+        labels[key] = val
+    return labels
+
+
+def pod_add(args: argparse.Namespace) -> int:
+    namespace, pod = _split_pod(args.pod)
+    try:
+        out = _lab(args.name).add_pod(
+            args.node, namespace, pod, parse_labels(args.label), [parse_port(p) for p in args.port], args.runtime
+        )
+    except _errors() as exc:
+        raise UserError(str(exc))
+    except Exception as exc:
+        if type(exc).__name__ == "ValidationError":
+            raise UserError(str(exc))
+        raise
+    if args.json:
+        print_json(out)
+    else:
+        print(f"pod {out['pod']} on {out['node']}: {', '.join(out['ips'])}")
+    return 0
+
+
+def pod_del(args: argparse.Namespace) -> int:
+    namespace, pod = _split_pod(args.pod)
+    try:
+        _lab(args.name).del_pod(namespace, pod)
+    except _errors() as exc:
+        raise UserError(str(exc))
+    print(f"pod {args.pod} deleted")
+    return 0
+
+
+def exec_in_pod(args: argparse.Namespace) -> int:
+    namespace, pod = _split_pod(args.pod)
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UserError("give the command after --, e.g. tulle lab exec demo default/a -- ping -c1 10.244.0.5")
+    try:
+        netns = _lab(args.name).pod_netns(namespace, pod)
+    except _errors() as exc:
+        raise UserError(str(exc))
+    sys.stdout.flush()
+    # exec: stdin, stdout, stderr and the exit status are the command's own.
+    os.execvp("nsenter", ["nsenter", f"--net={netns}", *cmd])
+    return 127
+
+
+def status(args: argparse.Namespace) -> int:
+    try:
+        info = _lab(args.name).status()
+    except _errors() as exc:
+        raise UserError(str(exc))
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"lab {info['name']}: {info['mode']} mode, etcd at {info['etcd']}")
+    rows = [
+        [n["name"], ", ".join(n["addresses"]), f"subnet {n['subnet']}", "running" if n["agent"]["running"] else "STOPPED"]
+        for n in info["nodes"]
+    ]
+    print_table(["NODE", "ADDRESSES", "UNDERLAY", "AGENT"], rows)
+    if info["pods"]:
+        print()
+        print_table(["POD", "NODE", "IPS", "RUNTIME"], [[p["pod"], p["node"], ", ".join(p["ips"]), p["runtime"]] for p in info["pods"]])
+    ext = info.get("external", {})
+    if ext:
+        print(f"\nexternal host: {ext.get('netns')} ({', '.join(ext.get('addresses', []))})")
     return 0

@@ -19,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tulle.dataplane.netns import NetnsGone, run_in_netns
 
-RTPROT_TULLE = 211  # marks the routes Tulle owns (rt_protos: unassigned)
+RTPROT_TULLE_POD = 212  # marks routes to pods (211 is for routes to other nodes, see dataplane/routing.py)
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::1"
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
@@ -104,8 +104,8 @@ def ensure_host_side(pod: PodInterface, pod_mac: str) -> list[str]:
             dst = str(iface.ip)
             routes = [
                 r
-                for r in ipr.get_routes(family=family, dst=dst, table=254)
-                if r.get("dst_len") == iface.max_prefixlen and r.get("oif") == idx
+                for r in ipr.get_routes(family=family, table=254, oif=idx)
+                if r.get("dst") == dst and r.get("dst_len") == iface.max_prefixlen
             ]
             if not routes:
                 ipr.route(
@@ -113,7 +113,7 @@ def ensure_host_side(pod: PodInterface, pod_mac: str) -> list[str]:
                     dst=f"{dst}/{iface.max_prefixlen}",
                     oif=idx,
                     scope="link",
-                    proto=RTPROT_TULLE,
+                    proto=RTPROT_TULLE_POD,
                     family=family,
                 )
                 changed.append(f"route {dst}")
@@ -191,8 +191,8 @@ def check(pod: PodInterface, expect_routes: list[str]) -> list[str]:
             family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
             if not [
                 r
-                for r in ipr.get_routes(family=family, dst=str(iface.ip), table=254)
-                if r.get("oif") == idx and r.get("dst_len") == iface.max_prefixlen
+                for r in ipr.get_routes(family=family, table=254, oif=idx)
+                if r.get("dst") == str(iface.ip) and r.get("dst_len") == iface.max_prefixlen
             ]:
                 problems.append(f"the node has no route to {iface.ip} via {pod.host_ifname}")
 

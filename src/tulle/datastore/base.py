@@ -11,7 +11,7 @@ Invariants (docs/design/datastore.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +38,41 @@ class WatchEvent:
     key: str
     value: bytes  # empty for deletes
     mod_revision: int
+
+
+@dataclass(frozen=True)
+class PutOp:
+    """Put `key` in a transaction; with `expected_revision`, only if its mod_revision is that
+    (0: only if the key does not exist)."""
+
+    key: str
+    value: bytes
+    expected_revision: int | None = None
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class DeleteOp:
+    """Delete `key` (every key under it when `prefix`); with `expected_revision`, only if the
+    key is still at that mod_revision."""
+
+    key: str
+    expected_revision: int | None = None
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
+class UnchangedOp:
+    """Write nothing; the transaction goes through only if the key (every key under it when
+    `prefix`) was not created or changed after `revision`. A single key must still be at
+    `revision` exactly (0: must not exist); under a prefix, deletions are not seen."""
+
+    key: str
+    revision: int
+    prefix: bool = False
+
+
+TxnOp = PutOp | DeleteOp | UnchangedOp
 
 
 class Watch(Protocol):
@@ -73,6 +108,11 @@ class Datastore(Protocol):
 
     def delete(self, key: str, expected_revision: int | None = None) -> bool:
         """Delete the key (only at expected_revision when given); True if it was deleted."""
+        ...
+
+    def commit(self, ops: Sequence[TxnOp]) -> int | None:
+        """All the ops in one transaction: every write or none. Returns the store revision after
+        it (all writes carry it), or None if a condition failed and nothing was written."""
         ...
 
     def grant_lease(self, ttl_seconds: int) -> int:

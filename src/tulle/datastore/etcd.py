@@ -18,7 +18,7 @@ import json
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +27,22 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 from etcd3gw.lease import Lease
 
-from tulle.datastore.base import DatastoreError, KeyValue, WatchEvent, WatchExpired
+from tulle.datastore.base import (
+    DatastoreError,
+    DeleteOp,
+    KeyValue,
+    PutOp,
+    TxnOp,
+    UnchangedOp,
+    WatchEvent,
+    WatchExpired,
+)
+
+# etcd's --max-txn-ops default: a transaction may hold at most this many compares and this
+# many writes; etcd answers a bigger one with a bare "Bad Request".
+MAX_TXN_OPS = 128
+
+_TxnRequests = list[dict[str, Any]]  # the class's `list` method hides the builtin from mypy there
 
 
 def _b64(data: str | bytes) -> str:
@@ -203,7 +218,7 @@ class EtcdDatastore:
     def watch(self, prefix: str, start_revision: int) -> EtcdWatch:
         return EtcdWatch(self, prefix, start_revision)
 
-    def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
+    def _txn(self, compare: _TxnRequests, success: _TxnRequests) -> bool:
         txn = {"compare": compare, "success": success, "failure": []}
         return bool(self._call("a transaction", self._client.transaction, txn).get("succeeded", False))
 
@@ -237,6 +252,61 @@ class EtcdDatastore:
     def delete_prefix(self, prefix: str) -> int:
         resp = self._post("kv/deleterange", {"key": _b64(prefix), "range_end": _range_end(prefix)})
         return int(resp.get("deleted", 0))
+
+    def commit(self, ops: Sequence[TxnOp]) -> int | None:
+        compare: _TxnRequests = []
+        success: _TxnRequests = []
+        written: set[str] = set()
+        for op in ops:
+            if isinstance(op, UnchangedOp):
+                if op.prefix:
+                    compare.append(
+                        {
+                            "key": _b64(op.key),
+                            "range_end": _range_end(op.key),
+                            "result": "LESS",
+                            "target": "MOD",
+                            "mod_revision": op.revision + 1,
+                        }
+                    )
+                else:
+                    compare.append(
+                        {"key": _b64(op.key), "result": "EQUAL", "target": "MOD", "mod_revision": op.revision}
+                    )
+                continue
+            # etcd refuses a transaction that writes one key twice, with the same bare "Bad Request"
+            if op.key in written:
+                raise ValueError(f"one transaction writes {op.key} twice")
+            written.add(op.key)
+            if op.expected_revision is not None:
+                if isinstance(op, DeleteOp) and op.prefix:
+                    raise ValueError("a prefix delete cannot expect a revision")
+                compare.append(
+                    {
+                        "key": _b64(op.key),
+                        "result": "EQUAL",
+                        "target": "MOD",
+                        "mod_revision": op.expected_revision,
+                    }
+                )
+            if isinstance(op, PutOp):
+                success.append(self._put_op(op.key, op.value, op.lease))
+            elif op.prefix:
+                success.append(
+                    {"request_delete_range": {"key": _b64(op.key), "range_end": _range_end(op.key)}}
+                )
+            else:
+                success.append({"request_delete_range": {"key": _b64(op.key)}})
+        if len(compare) > MAX_TXN_OPS or len(success) > MAX_TXN_OPS:
+            raise DatastoreError(
+                f"one etcd transaction may hold at most {MAX_TXN_OPS} writes and {MAX_TXN_OPS} conditions; "
+                f"this one has {len(success)} and {len(compare)}: split the change"
+            )
+        txn = {"compare": compare, "success": success, "failure": []}
+        resp = self._call("a transaction", self._client.transaction, txn)
+        if not resp.get("succeeded", False):
+            return None
+        return int(resp["header"]["revision"])
 
     def grant_lease(self, ttl_seconds: int) -> int:
         return int(self._call("to grant a lease", self._client.lease, ttl_seconds).id)

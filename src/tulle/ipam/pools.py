@@ -83,11 +83,6 @@ def parse_pool(obj: dict[str, Any]) -> Pool:
             f"IPPool {name}: spec.blockSize: Invalid value {block_size}: must be from the pool's prefix length "
             f"{cidr.prefixlen} to {MAX_BLOCK_PREFIX[family]} for IPv{family}"
         )
-    if block_size - cidr.prefixlen > 20:
-        raise PoolError(
-            f"IPPool {name}: spec.blockSize: Invalid value {block_size}: the pool would have more than 2^20 "
-            "blocks; use larger blocks"
-        )
     unknown = set(spec) - {"cidr", "blockSize"}
     if unknown:
         raise PoolError(f'IPPool {name}: spec: unknown field "{sorted(unknown)[0]}"')

@@ -1,0 +1,303 @@
+"""The agent's side of the CNI commands: ADD, DEL, CHECK, GC and STATUS (spec 1.1.0).
+
+The plugin binary has already checked the environment and the configuration; here the work
+is done: addresses from IPAM, the veth into the pod, the endpoint record on disk and in the
+datastore. ADD is all or nothing; DEL is idempotent and never fails for lack of state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from tulle.agent.endpoints import Endpoint, handle_for, host_ifname_for
+from tulle.cni import spec
+from tulle.cni.spec import CniError
+from tulle.dataplane import podnet
+from tulle.dataplane.netns import NetnsGone
+from tulle.datastore.base import DatastoreError
+from tulle.ipam.allocator import IpamError
+from tulle.model.kinds import WORKLOAD_ENDPOINT
+
+if TYPE_CHECKING:
+    from tulle.agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+
+TUNNEL_HANDLE_PREFIX = "tulle-tunnel/"
+_HOST_VETH = re.compile(r"^tl[0-9a-f]{11}$")
+
+
+def wep_name(pod: str, handle: str) -> str:
+    return f"{pod}.{hashlib.sha256(handle.encode()).hexdigest()[:8]}"
+
+
+def pod_identity(request: dict[str, Any]) -> tuple[str, str]:
+    """(namespace, pod) from CNI_ARGS; namespace `default` when absent, as podman sends it."""
+    args = request.get("args") or {}
+    namespace = args.get("K8S_POD_NAMESPACE") or "default"
+    pod = args.get("K8S_POD_NAME") or request["containerID"][:63]
+    return namespace, pod
+
+
+def build_result(ep: Endpoint) -> dict[str, Any]:
+    """The ADD result in the 1.1.0 form; the plugin converts it to the version asked for."""
+    ips = []
+    routes = []
+    for address in ep.ips:
+        v6 = ":" in address
+        gateway = podnet.GATEWAY_V6 if v6 else podnet.GATEWAY_V4
+        ips.append({"address": address, "gateway": gateway, "interface": 1})
+        routes.append({"dst": "::/0" if v6 else "0.0.0.0/0", "gw": gateway})
+    return {
+        "cniVersion": spec.SPEC_VERSION,
+        # The host side is listed (without sandbox) so chained plugins such as bandwidth find it.
+        "interfaces": [
+            {"name": ep.host_ifname, "mac": ep.host_mac or podnet.HOST_MAC, "mtu": ep.mtu},
+            {"name": ep.ifname, "mac": ep.mac, "sandbox": ep.netns, "mtu": ep.mtu},
+        ],
+        "ips": ips,
+        "routes": routes,
+        "dns": {},
+    }
+
+
+class CniService:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, handle: str) -> threading.Lock:
+        # The runtime never runs two commands for one attachment at once (spec: "must not invoke
+        # parallel operations for the same container"), but GC and pending DELs may.
+        with self._locks_guard:
+            return self._locks[handle]
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        handlers = {
+            "ADD": self.add,
+            "DEL": self.delete,
+            "CHECK": self.check,
+            "GC": self.gc,
+            "STATUS": self.status,
+        }
+        handler = handlers.get(str(command))
+        try:
+            if handler is None:
+                raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"the agent does not know the command {command!r}")
+            return {"result": handler(request)}
+        except CniError as exc:
+            return {"error": exc.to_dict()}
+        except DatastoreError as exc:
+            return {"error": CniError(spec.ERR_TRY_AGAIN_LATER, "the datastore is not reachable", str(exc)).to_dict()}
+        except Exception as exc:
+            log.exception("CNI command failed", extra={"command": command})
+            return {"error": CniError(spec.ERR_INTERNAL, f"the tulle agent failed: {exc}").to_dict()}
+
+    # -- ADD --------------------------------------------------------------------------------
+
+    def add(self, request: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        network = request["config"]["name"]
+        container_id, ifname, netns = request["containerID"], request["ifname"], request["netns"]
+        handle = handle_for(network, container_id, ifname)
+        if not os.path.exists(netns):
+            raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"CNI_NETNS {netns} does not exist")
+        namespace, pod = pod_identity(request)
+        with self._lock(handle):
+            existing = agent.registry.get(network, container_id, ifname)
+            if existing is not None and existing.state == "ready" and existing.netns == netns:
+                if not podnet.check(self._pod_interface(existing), []):
+                    return build_result(existing)  # a repeated ADD: answer as before
+            if existing is not None:
+                self._teardown(existing)
+            ep = Endpoint(
+                network=network,
+                container_id=container_id,
+                ifname=ifname,
+                netns=netns,
+                namespace=namespace,
+                pod=pod,
+                host_ifname=host_ifname_for(network, container_id, ifname),
+                mtu=int(request["config"].get("mtu") or agent.pod_mtu),
+            )
+            agent.registry.put(ep)  # state "adding": rolled back on start if we die half-way
+            try:
+                ips = agent.allocator.allocate(
+                    handle, agent.families, {"pod": f"{namespace}/{pod}", "node": agent.config.node}
+                )
+                ep.ips = [f"{ip}/{ip.max_prefixlen}" for ip in ips]
+                ep.mac = podnet.create(self._pod_interface(ep))
+                ep.host_mac = podnet.HOST_MAC
+                ep.state = "ready"
+                agent.registry.put(ep)
+                self._publish(ep)
+            except BaseException as exc:
+                self._teardown(ep)
+                if isinstance(exc, IpamError):
+                    raise CniError(spec.ERR_IPAM_EXHAUSTED, str(exc))
+                if isinstance(exc, NetnsGone):
+                    raise CniError(spec.ERR_INVALID_ENVIRONMENT, str(exc))
+                if isinstance(exc, podnet.PodNetError):
+                    raise CniError(spec.ERR_IO_FAILURE, str(exc))
+                raise
+        log.info("pod added", extra={"pod": f"{namespace}/{pod}", "ips": ep.ips, "iface": ep.host_ifname})
+        # Policy for the new pod is in place before the runtime starts its containers.
+        agent.sync_dataplane(timeout=5.0)
+        return build_result(ep)
+
+    def _pod_interface(self, ep: Endpoint) -> podnet.PodInterface:
+        return podnet.PodInterface(
+            netns=ep.netns, ifname=ep.ifname, host_ifname=ep.host_ifname, addresses=tuple(ep.ips), mtu=ep.mtu
+        )
+
+    def _publish(self, ep: Endpoint) -> None:
+        """The WorkloadEndpoint: tells every node which pod has which addresses."""
+        self.agent.store.update(
+            {
+                "apiVersion": WORKLOAD_ENDPOINT.api_version,
+                "kind": WORKLOAD_ENDPOINT.kind,
+                "metadata": {"name": wep_name(ep.pod, ep.handle), "namespace": ep.namespace},
+                "spec": {
+                    "node": self.agent.config.node,
+                    "pod": ep.pod,
+                    "containerID": ep.container_id,
+                    "ifname": ep.ifname,
+                    "network": ep.network,
+                    "ips": [a.split("/")[0] for a in ep.ips],
+                    "hostInterface": ep.host_ifname,
+                    "mac": ep.mac,
+                },
+            }
+        )
+
+    def _teardown(self, ep: Endpoint) -> None:
+        """Undo everything an endpoint may hold; idempotent. Raises DatastoreError if it cannot release."""
+        podnet.delete(ep.host_ifname)
+        self.agent.allocator.release(ep.handle)
+        self.agent.store.delete(WORKLOAD_ENDPOINT, wep_name(ep.pod, ep.handle), ep.namespace)
+        self.agent.registry.remove(ep)
+
+    # -- DEL --------------------------------------------------------------------------------
+
+    def delete(self, request: dict[str, Any]) -> None:
+        try:
+            self._delete(request)
+        except DatastoreError:
+            # The datastore is away: the interface is gone already; the addresses are given back
+            # when the agent replays this DEL. The runtime sees success, as the spec wants.
+            self.agent.defer_delete(request)
+            log.warning("DEL deferred until the datastore answers", extra={"container": request["containerID"]})
+            return
+        self.agent.request_reconcile()
+
+    def _delete(self, request: dict[str, Any]) -> None:
+        """Tear the attachment down; raises DatastoreError if the addresses could not be given back."""
+        agent = self.agent
+        network = request["config"]["name"]
+        container_id, ifname = request["containerID"], request["ifname"]
+        handle = handle_for(network, container_id, ifname)
+        with self._lock(handle):
+            ep = agent.registry.get(network, container_id, ifname)
+            if ep is None:
+                # Spec: a DEL for an unknown container, or one without netns, succeeds; still give
+                # back whatever an interrupted ADD may have left behind.
+                namespace, pod = pod_identity(request)
+                ep = Endpoint(
+                    network=network,
+                    container_id=container_id,
+                    ifname=ifname,
+                    netns=request.get("netns", ""),
+                    namespace=namespace,
+                    pod=pod,
+                    host_ifname=host_ifname_for(network, container_id, ifname),
+                )
+            self._teardown(ep)
+        log.info("pod deleted", extra={"pod": f"{ep.namespace}/{ep.pod}", "handle": handle})
+
+    # -- CHECK ------------------------------------------------------------------------------
+
+    def check(self, request: dict[str, Any]) -> None:
+        agent = self.agent
+        config = request["config"]
+        network = config["name"]
+        container_id, ifname = request["containerID"], request["ifname"]
+        prev = config.get("prevResult")
+        if not isinstance(prev, dict):
+            raise CniError(spec.ERR_INVALID_CONFIG, "CHECK needs prevResult in the configuration", "field: prevResult")
+        ep = agent.registry.get(network, container_id, ifname)
+        if ep is None or ep.state != "ready":
+            raise CniError(
+                spec.ERR_UNKNOWN_CONTAINER,
+                f"container {container_id} ({ifname}) is not known to the tulle agent on node {agent.config.node}",
+            )
+        problems = []
+        expected = sorted(spec.result_addresses(prev))
+        have = sorted(a.split("/")[0] for a in ep.ips)
+        if expected != have:
+            problems.append(f"prevResult lists {expected} but the endpoint has {have}")
+        held = agent.allocator.allocations().get(ep.handle, [])
+        for address in have:
+            if address not in held:
+                problems.append(f"the address {address} is not reserved for this container in IPAM")
+        routes = [r["dst"] for r in prev.get("routes", []) if isinstance(r, dict) and "dst" in r]
+        problems.extend(podnet.check(self._pod_interface(ep), routes))
+        if problems:
+            raise CniError(spec.ERR_CHECK_MISMATCH, "the container's network is not as ADD left it", "; ".join(problems))
+
+    # -- GC ---------------------------------------------------------------------------------
+
+    def gc(self, request: dict[str, Any]) -> None:
+        agent = self.agent
+        config = request["config"]
+        network = config["name"]
+        # libcni sends both names: the spec's and the one an earlier spec text used.
+        raw = config.get("cni.dev/valid-attachments", config.get("cni.dev/attachments", []))
+        if not isinstance(raw, list):
+            raise CniError(spec.ERR_INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+        valid = set()
+        for item in raw:
+            if not isinstance(item, dict) or "containerID" not in item or "ifname" not in item:
+                raise CniError(
+                    spec.ERR_INVALID_CONFIG, "each valid attachment needs containerID and ifname", f"got {item!r}"
+                )
+            valid.add((str(item["containerID"]), str(item["ifname"])))
+        removed = 0
+        for ep in agent.registry.all():
+            if ep.network == network and (ep.container_id, ep.ifname) not in valid:
+                with self._lock(ep.handle):
+                    self._teardown(ep)
+                removed += 1
+
+        def keep(handle: str) -> bool:
+            if handle.startswith(TUNNEL_HANDLE_PREFIX):
+                return True
+            parts = handle.rsplit("/", 2)
+            if len(parts) != 3 or parts[0] != network:
+                return True  # another network's: not ours to judge
+            return (parts[1], parts[2]) in valid
+
+        released = agent.allocator.release_unless(keep)
+        stray = agent.remove_stray_interfaces()
+        log.info("GC done", extra={"endpoints": removed, "handles": len(released), "interfaces": stray})
+        agent.request_reconcile()
+
+    # -- STATUS -----------------------------------------------------------------------------
+
+    def status(self, request: dict[str, Any]) -> None:
+        problems = self.agent.readiness_problems()
+        if problems:
+            raise CniError(spec.ERR_PLUGIN_NOT_AVAILABLE, "the tulle agent is not ready", "; ".join(problems))
+
+
+def is_host_veth(name: str) -> bool:
+    return bool(_HOST_VETH.match(name))

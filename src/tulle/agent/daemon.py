@@ -1,0 +1,604 @@
+"""The node agent: wiring, start-up recovery, the reconcile loop and the local API.
+
+Start-up is built so that a restart changes nothing for running pods: endpoints are read back
+from disk, their host side is checked and only what is missing is repaired; routes, neighbours,
+FDB entries and the nftables table are reconciled (diffed), never flushed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from tulle.agent.cache import ClusterCache, Snapshot
+from tulle.agent.cni_service import TUNNEL_HANDLE_PREFIX, CniService, is_host_veth, wep_name
+from tulle.agent.endpoints import Endpoint, EndpointRegistry
+from tulle.agent.node import node_info, node_object
+from tulle.cni.plugin import record_pending_del
+from tulle.dataplane import podnet
+from tulle.dataplane.nft import NftReconciler, NftTable
+from tulle.dataplane.routing import (
+    VxlanDevice,
+    ensure_vxlan,
+    reconcile_fdb,
+    reconcile_neighbours,
+    reconcile_routes,
+    remove_vxlan,
+)
+from tulle.datastore.base import DatastoreError
+from tulle.datastore.etcd import EtcdDatastore
+from tulle.ipam.allocator import IpamError, NodeAllocator, release_node_blocks
+from tulle.ipam.pools import Pool, PoolError, check_no_overlap, parse_pool
+from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, NODE, POD, WORKLOAD_ENDPOINT
+from tulle.model.store import DEFAULT_PREFIX, ResourceStore
+from tulle.routing.compile import (
+    MODES,
+    BlockInfo,
+    LocalNode,
+    VxlanEndpoint,
+    compile_routing,
+    pod_mtu,
+    vxlan_device,
+    vxlan_mac,
+)
+from tulle.routing.nat import nat_table
+
+log = logging.getLogger("tulle.agent")
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    datastore: str
+    mode: str = "vxlan"
+    prefix: str = DEFAULT_PREFIX
+    state_dir: str = "/var/lib/tulle"
+    socket: str = "/run/tulle/agent.sock"
+    interface: str | None = None  # the underlay; default: the interface of the default route
+    lease_ttl: int = 15
+    node_grace: float = 60.0  # how long a gone node's blocks stay reserved
+    resync_interval: float = 30.0
+    mtu: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Underlay:
+    ifname: str
+    addresses: tuple[str, ...]  # with prefix length
+    mtu: int
+
+    def address(self, family: int) -> str | None:
+        for a in self.addresses:
+            iface = ipaddress.ip_interface(a)
+            if iface.version == family:
+                return str(iface.ip)
+        return None
+
+
+def detect_underlay(ifname: str | None) -> Underlay:
+    with IPRoute() as ipr:
+        if ifname is None:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                defaults = [r for r in ipr.get_routes(family=family, table=254) if r["dst_len"] == 0 and r.get("oif")]
+                if defaults:
+                    ifname = ipr.get_links(defaults[0].get("oif"))[0].get("ifname")
+                    break
+        if ifname is None:
+            raise RuntimeError("cannot find the underlay interface: there is no default route; use --interface")
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise RuntimeError(f"underlay interface {ifname} does not exist")
+        idx = found[0]
+        link = ipr.get_links(idx)[0]
+        addresses = []
+        for a in ipr.get_addr(index=idx):
+            if a["scope"] != 0:  # global scope only: no link-local
+                continue
+            addresses.append(f"{a.get('address')}/{a['prefixlen']}")
+        return Underlay(ifname=ifname, addresses=tuple(sorted(addresses)), mtu=int(link.get("mtu")))
+
+
+def enable_forwarding() -> None:
+    for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
+        with open(path, "w") as f:
+            f.write("1")
+
+
+class _ApiHandler(socketserver.StreamRequestHandler):
+    server: _ApiServer
+
+    def handle(self) -> None:
+        data = self.rfile.read()
+        try:
+            request = json.loads(data)
+        except ValueError:
+            answer: dict[str, Any] = {"error": {"code": 6, "msg": "the agent could not decode the request"}}
+        else:
+            answer = self.server.agent.dispatch(request)
+        self.wfile.write(json.dumps(answer).encode())
+
+
+class _ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    agent: Agent
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        if config.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}")
+        self.config = config
+        self.datastore = EtcdDatastore(config.datastore)
+        self.store = ResourceStore(self.datastore, config.prefix)
+        self.registry = EndpointRegistry(config.state_dir)
+        self.pools: list[Pool] = []
+        self.allocator = NodeAllocator(self.datastore, config.prefix, config.node, lambda: self.pools)
+        self.cni = CniService(self)
+        self.nft = NftReconciler()
+        self.cache = ClusterCache(self.datastore, config.prefix, self.request_reconcile)
+        self.families: list[int] = []
+        self.pod_mtu = 1500
+        self.underlay: Underlay | None = None
+        self.tunnels: dict[int, str] = {}
+        self.lease = 0
+        self.registered = False
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._gone_since: dict[str, float] = {}
+        self._last_error = ""
+        self._last_reconcile = 0.0
+        self._policy_digest = ""
+        self._policy_model: Any = None
+        self._pending_cut: tuple[Any, list[str]] | None = None
+        self._ipam_errors: list[str] = []
+        self._server: _ApiServer | None = None
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _wait_for_datastore(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                self.datastore.revision()
+                return
+            except DatastoreError as exc:
+                log.warning("waiting for the datastore", extra={"error": str(exc)})
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def load_pools(self) -> list[Pool]:
+        objects, _ = self.store.list(IP_POOL)
+        pools = []
+        for obj in objects:
+            try:
+                pools.append(parse_pool(obj))
+            except PoolError as exc:
+                log.error("ignoring an invalid IPPool", extra={"error": str(exc)})
+        check_no_overlap(pools)
+        return pools
+
+    def _wait_for_pools(self) -> None:
+        while not self._stop.is_set():
+            self.pools = self.load_pools()
+            if self.pools:
+                return
+            log.warning("no IPPool exists yet; create one (tulle apply -f pool.yaml)")
+            self._stop.wait(1.0)
+
+    def _recover_endpoints(self) -> None:
+        """Roll back half-done ADDs, forget endpoints whose pod is gone, repair the rest."""
+        for ep in self.registry.all():
+            try:
+                if ep.state != "ready" or not podnet.host_side_exists(ep.host_ifname):
+                    log.info("removing a dead endpoint", extra={"pod": f"{ep.namespace}/{ep.pod}", "state": ep.state})
+                    self.cni._teardown(ep)
+                    continue
+                changed = podnet.ensure_host_side(self.cni._pod_interface(ep), ep.mac)
+                if changed:
+                    log.info("repaired a pod's host side", extra={"pod": f"{ep.namespace}/{ep.pod}", "changed": changed})
+            except DatastoreError:
+                raise
+            except Exception as exc:
+                log.error("cannot recover endpoint", extra={"pod": f"{ep.namespace}/{ep.pod}", "error": str(exc)})
+
+    def pending_dir(self) -> str:
+        return os.path.join(self.config.state_dir, "pending-del")
+
+    def defer_delete(self, request: dict[str, Any]) -> None:
+        record_pending_del(self.config.state_dir, request)
+
+    def replay_pending_deletes(self) -> int:
+        """Carry out DELs that arrived while the agent (or the datastore) was away."""
+        folder = self.pending_dir()
+        if not os.path.isdir(folder):
+            return 0
+        done = 0
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(path) as f:
+                    request = json.load(f)
+                self.cni._delete(request)
+            except DatastoreError:
+                continue  # try again later
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("dropping an unreadable pending DEL", extra={"file": path, "error": str(exc)})
+            os.unlink(path)
+            done += 1
+        if done:
+            log.info("carried out pending DELs", extra={"count": done})
+        return done
+
+    def _collect_leaked_addresses(self) -> None:
+        known = {ep.handle for ep in self.registry.all()}
+        released = self.allocator.release_unless(lambda h: h in known or h.startswith(TUNNEL_HANDLE_PREFIX))
+        if released:
+            log.info("released leaked addresses", extra={"handles": sorted(released)})
+
+    def remove_stray_interfaces(self) -> int:
+        known = {ep.host_ifname for ep in self.registry.all()}
+        removed = 0
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = link.get("ifname")
+                if is_host_veth(name) and name not in known:
+                    ipr.link("del", index=link["index"])
+                    removed += 1
+        return removed
+
+    def _claim_blocks(self) -> None:
+        """A block per family and the tunnel addresses; a full pool is reported, not fatal: the
+        node stays up, STATUS says why it is not ready, and it tries again on every resync."""
+        errors = []
+        for family in self.families:
+            try:
+                self.allocator.ensure_block(family)
+            except IpamError as exc:
+                errors.append(str(exc))
+                log.error("cannot claim a block", extra={"error": str(exc)})
+        if not errors:
+            try:
+                self._setup_tunnels()
+            except IpamError as exc:
+                errors.append(str(exc))
+        self._ipam_errors = errors
+
+    def _setup_tunnels(self) -> None:
+        assert self.underlay is not None
+        self.tunnels = {}
+        if self.config.mode == "host-gw":
+            for family in (4, 6):
+                remove_vxlan(vxlan_device(family))
+            return
+        for family in self.families:
+            if self.underlay.address(family) is None:
+                log.warning("no underlay address for VXLAN", extra={"family": family})
+                continue
+            handle = f"{TUNNEL_HANDLE_PREFIX}{self.config.node}/v{family}"
+            (address,) = self.allocator.allocate(handle, [family], {"node": self.config.node})
+            self.tunnels[family] = str(address)
+
+    def vxlan_endpoints(self) -> list[VxlanEndpoint]:
+        return [
+            VxlanEndpoint(family=f, mac=vxlan_mac(self.config.node, f), tunnel_address=a) for f, a in self.tunnels.items()
+        ]
+
+    def register_node(self) -> None:
+        assert self.underlay is not None
+        self.lease = self.datastore.grant_lease(self.config.lease_ttl)
+        addresses = [str(ipaddress.ip_interface(a).ip) for a in self.underlay.addresses]
+        obj = node_object(self.config.node, self.config.mode, addresses, self.vxlan_endpoints())
+        self.store.update(obj, lease=self.lease)
+        self.registered = True
+        log.info("registered node", extra={"node": self.config.node, "addresses": addresses})
+
+    def _keep_lease(self) -> None:
+        period = max(1.0, self.config.lease_ttl / 3)
+        while not self._stop.wait(period):
+            try:
+                if self.datastore.keepalive(self.lease) <= 0:
+                    log.warning("the node's lease expired; registering again")
+                    self.register_node()
+            except DatastoreError as exc:
+                log.warning("cannot keep the node's lease alive", extra={"error": str(exc)})
+
+    def start(self) -> None:
+        cfg = self.config
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        enable_forwarding()
+        self.underlay = detect_underlay(cfg.interface)
+        self._wait_for_datastore()
+        self._wait_for_pools()
+        self.families = sorted({p.family for p in self.pools})
+        self.pod_mtu = cfg.mtu or pod_mtu(cfg.mode, self.underlay.mtu, self.families)
+        log.info(
+            "starting",
+            extra={"node": cfg.node, "mode": cfg.mode, "families": self.families, "mtu": self.pod_mtu},
+        )
+        self._recover_endpoints()
+        self.replay_pending_deletes()
+        self._collect_leaked_addresses()
+        self.remove_stray_interfaces()
+        self._claim_blocks()
+        self.register_node()
+        threading.Thread(target=self._keep_lease, name="lease", daemon=True).start()
+        self.cache.start()
+        self.cache.wait_synced(30)
+        self.reconcile()
+        threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
+        self._serve()
+
+    def _serve(self) -> None:
+        path = self.config.socket
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        server = _ApiServer(path, _ApiHandler)
+        os.chmod(path, 0o600)
+        server.agent = self
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
+        log.info("ready", extra={"socket": path})
+
+    def stop(self) -> None:
+        """Stop serving; leave every pod, route and rule in place for the next start."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self.cache.stop()
+
+    # -- the local API ----------------------------------------------------------------------
+
+    def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("command") == "AGENT_STATUS":
+            return {"result": self.describe()}
+        return self.cni.handle(request)
+
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        try:
+            self.datastore.revision()
+        except DatastoreError as exc:
+            problems.append(f"datastore unreachable: {exc}")
+        if not self.pools:
+            problems.append("no IPPool is configured")
+        if not self.registered:
+            problems.append("the node is not registered")
+        problems.extend(self._ipam_errors)
+        if self._last_error:
+            problems.append(f"last reconcile failed: {self._last_error}")
+        return problems
+
+    def describe(self) -> dict[str, Any]:
+        endpoints = [
+            {"pod": f"{ep.namespace}/{ep.pod}", "ips": ep.ips, "interface": ep.host_ifname, "state": ep.state}
+            for ep in self.registry.all()
+        ]
+        drops = []
+        if self._policy_model is not None:
+            try:
+                from tulle.policy.datapath import drop_counters
+
+                names = drop_counters(self._policy_model, self.local_ips())
+                counters = self.nft.counters()
+                for counter, (pod, direction) in sorted(names.items()):
+                    packets, _bytes = counters.get(counter, (0, 0))
+                    drops.append({"pod": pod, "direction": direction, "packets": packets})
+            except Exception as exc:  # status must answer even if policy is broken
+                drops.append({"error": str(exc)})
+        return {
+            "node": self.config.node,
+            "mode": self.config.mode,
+            "families": self.families,
+            "mtu": self.pod_mtu,
+            "underlay": list(self.underlay.addresses) if self.underlay else [],
+            "endpoints": endpoints,
+            "drops": drops,
+            "lastReconcile": self._last_reconcile,
+            "lastError": self._last_error,
+            "ready": not self.readiness_problems(),
+        }
+
+    # -- reconciling ------------------------------------------------------------------------
+
+    def request_reconcile(self) -> int:
+        with self._wake:
+            self._requested += 1
+            self._wake.notify_all()
+            return self._requested
+
+    def sync_dataplane(self, timeout: float) -> bool:
+        """Ask for a reconcile and wait until one that started after this call has finished."""
+        wanted = self.request_reconcile()
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._done < wanted and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(left)
+        return True
+
+    def _reconcile_loop(self) -> None:
+        last_full = time.monotonic()
+        while not self._stop.is_set():
+            with self._wake:
+                if self._requested <= self._done:
+                    self._wake.wait(timeout=max(0.1, self.config.resync_interval - (time.monotonic() - last_full)))
+                target = self._requested
+            if self._stop.is_set():
+                return
+            full = time.monotonic() - last_full >= self.config.resync_interval
+            try:
+                self.reconcile(full=full)
+                self._last_error = ""
+            except Exception as exc:
+                self._last_error = str(exc)
+                log.exception("reconcile failed")
+                self._stop.wait(0.5)
+            if full:
+                last_full = time.monotonic()
+            with self._wake:
+                self._done = max(self._done, target)
+                self._wake.notify_all()
+
+    def local_ips(self) -> list[str]:
+        return [a.split("/")[0] for ep in self.registry.all() if ep.state == "ready" for a in ep.ips]
+
+    def reconcile(self, full: bool = False) -> None:
+        """Make the kernel match the cluster: routes, VXLAN, nftables; free gone nodes' blocks."""
+        assert self.underlay is not None
+        snap = self.cache.snapshot()
+        started = time.monotonic()
+        if full:
+            self.pools = self.load_pools() or self.pools
+            self._recover_endpoints()
+            self.replay_pending_deletes()
+            if self._ipam_errors:
+                had_tunnels = dict(self.tunnels)
+                self._claim_blocks()
+                if self.tunnels != had_tunnels:
+                    self.register_node()
+        nodes = [n for n in (node_info(o) for o in snap.objects(self.config.prefix, NODE)) if n is not None]
+        if self.registered and not any(n.name == self.config.node for n in nodes) and snap.revision > 0:
+            log.warning("our Node object is gone from the datastore; registering again")
+            self.register_node()
+        blocks = [BlockInfo(cidr=b["cidr"], node=b["node"]) for b in snap.blocks(self.config.prefix)]
+        local = LocalNode(name=self.config.node, mode=self.config.mode, underlay=self.underlay.addresses)
+        desired = compile_routing(local, nodes, blocks)
+        devices = []
+        for family, tunnel in self.tunnels.items():
+            underlay_address = self.underlay.address(family)
+            assert underlay_address is not None
+            dev = VxlanDevice(
+                name=vxlan_device(family),
+                family=family,
+                local=underlay_address,
+                underlay_ifname=self.underlay.ifname,
+                mac=vxlan_mac(self.config.node, family),
+                mtu=self.underlay.mtu - (50 if family == 4 else 70),
+                tunnel_address=tunnel,
+            )
+            ensure_vxlan(dev)
+            devices.append(dev.name)
+        route_change = reconcile_routes(desired.routes)
+        reconcile_neighbours(desired.neighbours, devices)
+        reconcile_fdb(desired.fdb, devices)
+        table = nat_table(self.pools).merge(self._policy_table(snap))
+        commands = self.nft.apply(table)
+        self.cut_denied()
+        self._collect_gone_nodes(snap, {n.name for n in nodes})
+        self._last_reconcile = time.time()
+        if route_change or commands:
+            log.info(
+                "reconciled",
+                extra={
+                    "routes_added": len(route_change.add),
+                    "routes_removed": len(route_change.remove),
+                    "nft_commands": len(commands),
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
+        for reason in desired.unreachable:
+            log.warning("no route", extra={"reason": reason})
+
+    def _policy_table(self, snap: Snapshot) -> NftTable:
+        """The NetworkPolicy part of the table (and cutting connections a change denies)."""
+        try:
+            from tulle.policy.compiler import compile_policies
+            from tulle.policy.datapath import policy_table
+            from tulle.policy.inputs import inputs_from_objects
+        except ImportError:
+            return NftTable()
+        prefix = self.config.prefix
+        objects = (
+            snap.objects(prefix, NAMESPACE),
+            snap.objects(prefix, POD),
+            snap.objects(prefix, NETWORK_POLICY),
+            snap.objects(prefix, WORKLOAD_ENDPOINT),
+        )
+        inputs = inputs_from_objects(*objects)
+        model = compile_policies(inputs, self._policy_model)
+        local = self.local_ips()
+        table = policy_table(model, local)
+        digest = json.dumps([[o.get("metadata", {}).get("resourceVersion") for o in group] for group in objects])
+        changed = digest != self._policy_digest
+        self._policy_model = model
+        self._policy_digest = digest
+        if changed:
+            self._pending_cut = (model, local)
+        return table
+
+    def cut_denied(self) -> None:
+        pending = self._pending_cut
+        if pending is None:
+            return
+        self._pending_cut = None
+        from tulle.dataplane.conntrack import cut_denied_connections
+
+        cut = cut_denied_connections(*pending)
+        if cut:
+            log.info("cut connections a policy change denies", extra={"count": cut})
+
+    def _collect_gone_nodes(self, snap: Snapshot, registered: set[str]) -> None:
+        """Free the blocks (and endpoints) of nodes that have been gone for the grace period."""
+        owners = {b["node"] for b in snap.blocks(self.config.prefix)}
+        now = time.monotonic()
+        for owner in owners:
+            if owner == self.config.node or owner in registered:
+                self._gone_since.pop(owner, None)
+                continue
+            since = self._gone_since.setdefault(owner, now)
+            if now - since < self.config.node_grace:
+                continue
+            freed = release_node_blocks(self.datastore, self.config.prefix, owner)
+            for wep in snap.objects(self.config.prefix, WORKLOAD_ENDPOINT):
+                if wep.get("spec", {}).get("node") == owner:
+                    meta = wep["metadata"]
+                    self.store.delete(WORKLOAD_ENDPOINT, meta["name"], meta.get("namespace"))
+            if freed:
+                log.info("freed the blocks of a gone node", extra={"node": owner, "blocks": freed})
+            self._gone_since.pop(owner, None)
+
+
+def run_agent(config: AgentConfig) -> None:
+    agent = Agent(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("stopping", extra={"signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start()
+    except (IpamError, RuntimeError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        raise SystemExit(1)
+    stop.wait()
+    agent.stop()
+
+
+__all__ = ["Agent", "AgentConfig", "Endpoint", "run_agent", "wep_name"]
