@@ -41,9 +41,12 @@ class LabError(Exception):
     pass
 
 
-def _subnet_for(index: int) -> int:
-    """Nodes 1 and 2 on subnet 1, 3 and 4 on subnet 2, and so on: every lab of 3 or more nodes
-    spans two subnets joined by a router, so hybrid mode has one direct and one VXLAN pair."""
+def _subnet_for(index: int, mode: str) -> int:
+    """host-gw needs one link between all nodes: subnet 1 for all. Otherwise nodes 1 and 2 are on
+    subnet 1, 3 and 4 on subnet 2, and so on: a lab of 3 or more nodes spans two subnets joined by
+    a router, so hybrid mode has one direct pair and one pair through VXLAN."""
+    if mode == "host-gw":
+        return 1
     return 1 + ((index - 1) // 2) % 2
 
 
@@ -178,7 +181,7 @@ class Lab:
             raise LabError(f"node {node} exists already in lab {self.name}")
         index = state["nextIndex"]
         state["nextIndex"] = index + 1
-        subnet = _subnet_for(index)
+        subnet = _subnet_for(index, state["mode"])
         record: dict[str, Any] = {"index": index, "subnet": subnet, "netns": self.names.node(node)}
         state["nodes"][node] = record
         lab_state.save(self.name, state)
@@ -329,7 +332,7 @@ class Lab:
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {"name": pod, "namespace": namespace, "labels": labels},
-                "spec": {"nodeName": node, "containers": [{"name": "main", "ports": ports}]},
+                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox", "ports": ports}]},
             }
 
             def write(store: ResourceStore) -> None:

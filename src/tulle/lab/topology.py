@@ -46,6 +46,10 @@ def add_netns(name: str) -> None:
     if netns_exists(name):
         raise TopologyError(f"network namespace {name} exists already")
     ip("netns", "add", name)
+    # Duplicate address detection would hold every new IPv6 address (and the neighbour
+    # solicitations that need one) back for a second; in a lab nobody else has the address.
+    for conf in ("all", "default"):
+        sysctl(name, f"net.ipv6.conf.{conf}.accept_dad", "0")
     ip("link", "set", "lo", "up", netns=name)
 
 

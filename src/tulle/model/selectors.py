@@ -14,7 +14,7 @@ Two ways to evaluate:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,8 +166,8 @@ class LabelIndex:
             for key, value in labels.items():
                 by_pair.setdefault((key, value), []).append(i)
                 by_key.setdefault(key, []).append(i)
-        self._pair = {pair: _mask(members) for pair, members in by_pair.items()}
-        self._key = {key: _mask(members) for key, members in by_key.items()}
+        self._pair = {pair: mask_of(members) for pair, members in by_pair.items()}
+        self._key = {key: mask_of(members) for key, members in by_key.items()}
         self._cache: dict[LabelSelector, int] = {}
 
     def _requirement(self, r: Requirement) -> int:
@@ -193,10 +193,17 @@ class LabelIndex:
         return mask
 
 
-def _mask(members: list[int]) -> int:
-    # One big integer built from bytes: linear in the size, where OR-ing bit by bit is quadratic.
-    top = members[-1]
-    raw = bytearray(top // 8 + 1)
+def mask_of(members: Iterable[int]) -> int:
+    """The bitmask with the given bits set.
+
+    >>> mask_of([0, 2])
+    5
+    """
+    # Built from bytes: linear in the size, where OR-ing big integers bit by bit is quadratic.
+    members = list(members)
+    if not members:
+        return 0
+    raw = bytearray(max(members) // 8 + 1)
     for i in members:
         raw[i >> 3] |= 1 << (i & 7)
     return int.from_bytes(raw, "little")

@@ -1,0 +1,178 @@
+"""IPAM against a real etcd: pools, blocks claimed by compare-and-swap, addresses never twice."""
+
+from __future__ import annotations
+
+import ipaddress
+import multiprocessing
+import threading
+from typing import Any
+
+import pytest
+
+from tulle.datastore.etcd import EtcdDatastore
+from tulle.ipam.allocator import IpamError, NodeAllocator, list_blocks, release_node_blocks
+from tulle.ipam.pools import Pool, PoolError, check_no_overlap, parse_pool, pool_object
+
+
+def pool(name: str, cidr: str, block: int) -> Pool:
+    return parse_pool(pool_object(name, cidr, block))
+
+
+# -- pools (pure) ---------------------------------------------------------------------------
+
+
+def test_pool_blocks_cover_the_pool_once() -> None:
+    p = pool("p", "10.0.0.0/24", 26)
+    blocks = list(p.blocks_from("node-a"))
+    assert sorted(str(b) for b in blocks) == ["10.0.0.0/26", "10.0.0.128/26", "10.0.0.192/26", "10.0.0.64/26"]
+    assert sorted(map(str, p.blocks_from("node-b"))) == sorted(map(str, blocks))
+
+
+def test_nodes_start_at_different_blocks() -> None:
+    p = pool("p", "10.0.0.0/16", 26)
+    firsts = {str(next(p.blocks_from(f"node{i}"))) for i in range(20)}
+    assert len(firsts) > 10
+
+
+@pytest.mark.parametrize(
+    ("cidr", "reason"),
+    [
+        ("10.0.0.1/16", "host bits"),
+        ("not-a-cidr", "CIDR"),
+        ("10.0.0.0", "CIDR"),
+        ("300.0.0.0/8", "CIDR"),
+    ],
+)
+def test_pool_that_is_not_a_cidr_is_refused_naming_the_field(cidr: str, reason: str) -> None:
+    with pytest.raises(PoolError, match="spec.cidr"):
+        parse_pool(pool_object("bad", cidr))
+
+
+@pytest.mark.parametrize("block", [8, 31, 33, "26", True])
+def test_bad_block_size_is_refused(block: Any) -> None:
+    with pytest.raises(PoolError, match="spec.blockSize"):
+        parse_pool(pool_object("bad", "10.0.0.0/16", block))
+
+
+def test_overlapping_pools_are_refused() -> None:
+    with pytest.raises(PoolError, match="overlaps IPPool a"):
+        check_no_overlap([pool("a", "10.0.0.0/16", 26), pool("b", "10.0.128.0/17", 26)])
+    check_no_overlap([pool("a", "10.0.0.0/16", 26), pool("b", "10.1.0.0/16", 26), pool("c", "fd00::/64", 122)])
+
+
+# -- allocation against etcd ----------------------------------------------------------------
+
+
+def test_dual_stack_allocation_and_release(datastore: EtcdDatastore, prefix: str) -> None:
+    pools = [pool("v4", "10.10.0.0/24", 28), pool("v6", "fd10::/120", 124)]
+    alloc = NodeAllocator(datastore, prefix, "n1", lambda: pools)
+    given = alloc.allocate("net/c1/eth0", [4, 6], {"pod": "x/a"})
+    assert [a.version for a in given] == [4, 6]
+    assert alloc.allocations() == {"net/c1/eth0": [str(a) for a in given]}
+    # A repeated request for the same handle gets the same addresses (a retried ADD).
+    assert alloc.allocate("net/c1/eth0", [4, 6]) == given
+    assert sorted(alloc.release("net/c1/eth0")) == sorted(str(a) for a in given)
+    # Invariant 4: releasing again is fine and gives nothing.
+    assert alloc.release("net/c1/eth0") == []
+    assert alloc.allocations() == {}
+
+
+def test_node_claims_another_block_when_one_fills(datastore: EtcdDatastore, prefix: str) -> None:
+    pools = [pool("v4", "10.11.0.0/24", 30)]  # blocks of 4 addresses
+    alloc = NodeAllocator(datastore, prefix, "n1", lambda: pools)
+    addresses = [alloc.allocate(f"net/c{i}/eth0", [4])[0] for i in range(10)]
+    assert len(set(addresses)) == 10
+    mine = [b for b in list_blocks(datastore, prefix) if b.node == "n1"]
+    assert len(mine) == 3
+    for a in addresses:
+        assert any(a in b.cidr for b in mine)
+
+
+def test_half_dual_stack_allocation_is_given_back(datastore: EtcdDatastore, prefix: str) -> None:
+    """Invariant 3: no IPv6 pool, so the IPv4 address must not stay allocated."""
+    pools = [pool("v4", "10.12.0.0/24", 28)]
+    alloc = NodeAllocator(datastore, prefix, "n1", lambda: pools)
+    with pytest.raises(IpamError, match="no IPv6 pool"):
+        alloc.allocate("net/c1/eth0", [4, 6])
+    assert alloc.allocations() == {}
+
+
+def test_exhausted_pool_says_so(datastore: EtcdDatastore, prefix: str) -> None:
+    pools = [pool("tiny", "10.13.0.0/29", 30)]  # 2 blocks of 4
+    a = NodeAllocator(datastore, prefix, "a", lambda: pools)
+    b = NodeAllocator(datastore, prefix, "b", lambda: pools)
+    a.ensure_block(4)
+    b.ensure_block(4)
+    for i in range(4):
+        a.allocate(f"net/a{i}/eth0", [4])
+    with pytest.raises(IpamError, match=r"all 2 blocks of tiny \(10.13.0.0/29"):
+        a.allocate("net/a-extra/eth0", [4])
+
+
+def test_fifty_parallel_allocations_never_share_an_address(datastore: EtcdDatastore, prefix: str) -> None:
+    """Invariant 2 under contention: two allocators of one node and of another node race."""
+    pools = [pool("v4", "10.14.0.0/24", 27), pool("v6", "fd14::/120", 124)]
+    allocators = [NodeAllocator(EtcdDatastore(datastore.endpoint), prefix, n, lambda: pools) for n in ("a", "a", "b")]
+    results: list[list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(50)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            got = allocators[i % 3].allocate(f"net/c{i}/eth0", [4, 6])
+            with lock:
+                results.append(got)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    flat = [a for r in results for a in r]
+    assert len(flat) == 100
+    assert len(set(flat)) == 100
+    blocks = list_blocks(datastore, prefix)
+    assert len({str(b.cidr) for b in blocks}) == len(blocks)
+
+
+def _claim(url: str, prefix: str, node: str, barrier: Any, out: Any) -> None:
+    alloc = NodeAllocator(EtcdDatastore(url), prefix, node, lambda: [pool("p", "10.15.0.0/24", 26)])
+    barrier.wait()
+    try:
+        out.put((node, str(alloc.claim_block(4).cidr)))
+    except IpamError as exc:
+        out.put((node, f"error: {exc}"))
+
+
+def test_n_blocks_and_n_plus_one_agents_behind_a_barrier(datastore: EtcdDatastore, prefix: str) -> None:
+    """Invariant 1: a pool of 4 blocks, 5 agents claiming at the same moment: 4 get one block
+    each, the fifth gets a clear error."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(5)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(datastore.endpoint, prefix, f"n{i}", barrier, out)) for i in range(5)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    blocks = [v for v in results.values() if not v.startswith("error")]
+    failures = [v for v in results.values() if v.startswith("error")]
+    assert sorted(blocks) == ["10.15.0.0/26", "10.15.0.128/26", "10.15.0.192/26", "10.15.0.64/26"]
+    assert len(failures) == 1
+    assert "all 4 blocks of p (10.15.0.0/24, /26 blocks) are claimed" in failures[0]
+    owners = {str(b.cidr): b.node for b in list_blocks(datastore, prefix)}
+    assert len(set(owners.values())) == 4
+
+
+def test_gone_node_blocks_are_freed(datastore: EtcdDatastore, prefix: str) -> None:
+    pools = [pool("v4", "10.16.0.0/24", 26)]
+    NodeAllocator(datastore, prefix, "gone", lambda: pools).allocate("net/c/eth0", [4])
+    NodeAllocator(datastore, prefix, "stays", lambda: pools).ensure_block(4)
+    assert release_node_blocks(datastore, prefix, "gone")
+    assert {b.node for b in list_blocks(datastore, prefix)} == {"stays"}
