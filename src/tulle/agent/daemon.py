@@ -445,7 +445,11 @@ class Agent:
         while not self._stop.is_set():
             with self._wake:
                 if self._requested <= self._done:
-                    self._wake.wait(timeout=max(0.1, self.config.resync_interval - (time.monotonic() - last_full)))
+                    wait = self.config.resync_interval - (time.monotonic() - last_full)
+                    if self._gone_since:  # wake when a gone node's grace period ends
+                        ends = min(self._gone_since.values()) + self.config.node_grace - time.monotonic()
+                        wait = min(wait, ends + 0.05)
+                    self._wake.wait(timeout=max(0.1, wait))
                 target = self._requested
             if self._stop.is_set():
                 return

@@ -153,7 +153,8 @@ class LabelIndex:
     >>> index = LabelIndex([{"app": "web"}, {"app": "db"}, {}])
     >>> list(bits(index.select(parse_selector({"matchLabels": {"app": "web"}}))))
     [0]
-    >>> list(bits(index.select(parse_selector({"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}))))
+    >>> absent = parse_selector({"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]})
+    >>> list(bits(index.select(absent)))
     [2]
     """
 

@@ -958,3 +958,18 @@ def system_namespaces() -> list[Obj]:
         admit({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         for name in SYSTEM_NAMESPACES
     ]
+
+
+def check_delete(kind: Kind, name: str) -> None:
+    """Refuse what the API server refuses to delete: the namespaces every cluster has
+    (NamespaceLifecycle; Tulle adds kube-node-lease, which admission also takes as always there).
+
+    >>> check_delete(NAMESPACE, "default")
+    Traceback (most recent call last):
+    ...
+    tulle.model.validation.AdmissionError: namespaces "default" is forbidden: ...
+    """
+    if kind is NAMESPACE and name in SYSTEM_NAMESPACES:
+        raise AdmissionError(
+            "Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted'
+        )

@@ -217,7 +217,9 @@ class _Selection:
             self._namespaces[selector] = found
         return found
 
-    def pods(self, namespace: str | None, namespace_selector: LabelSelector | None, pods: LabelSelector) -> int:
+    def pods(
+        self, namespace: str | None, namespace_selector: LabelSelector | None, pods: LabelSelector
+    ) -> int:
         if namespace_selector is None:
             scope = self._in_namespace.get(namespace or "", 0)
         else:
@@ -242,7 +244,9 @@ def cidr_intervals(peer: CidrPeer) -> list[tuple[int, int]]:
     net = ipaddress.ip_network(peer.cidr)
     out: list[tuple[int, int]] = []
     position = int(net.network_address)
-    holes = sorted((int(e.network_address), int(e.broadcast_address)) for e in map(ipaddress.ip_network, peer.excepts))
+    holes = sorted(
+        (int(e.network_address), int(e.broadcast_address)) for e in map(ipaddress.ip_network, peer.excepts)
+    )
     for lo, hi in holes:
         if lo > position:
             out.append((position, lo - 1))
@@ -324,7 +328,9 @@ def _assign_atoms(
     return assigned
 
 
-def _atom_table(family: int, pieces: list[tuple[int, int, Signature]], ids: Mapping[Signature, int]) -> AtomTable:
+def _atom_table(
+    family: int, pieces: list[tuple[int, int, Signature]], ids: Mapping[Signature, int]
+) -> AtomTable:
     starts: list[int] = []
     lasts: list[int] = []
     atoms: list[int] = []
@@ -347,7 +353,9 @@ def _port(entry: PortEntry) -> CompiledPort:
         return CompiledPort(entry.protocol, name=entry.name)
     if entry.port is None:
         return CompiledPort(entry.protocol)
-    return CompiledPort(entry.protocol, entry.port, entry.end_port if entry.end_port is not None else entry.port)
+    return CompiledPort(
+        entry.protocol, entry.port, entry.end_port if entry.end_port is not None else entry.port
+    )
 
 
 class _RuleCompiler:
@@ -360,16 +368,17 @@ class _RuleCompiler:
             return None  # no from/to: every address, pod or not
         if (peers, family) in self._cache:
             return self._cache[(peers, family)]
-        atoms: set[int] | None = set()
+        atoms: set[int] = set()
+        result: frozenset[int] | None = None
         for peer in peers:
             if isinstance(peer, CidrPeer):
                 if peer.family != family:
                     continue  # an ipBlock says nothing about the other family
                 if _universal(peer):
-                    atoms = None
                     break
             atoms |= self._peer_atoms[family].get(peer, set())
-        result = frozenset(atoms) if atoms is not None else None
+        else:
+            result = frozenset(atoms)
         self._cache[(peers, family)] = result
         return result
 
@@ -458,7 +467,7 @@ def compile_policies(inputs: PolicyInputs, previous: PolicyModel | None = None) 
             if sig[1]:
                 named_ports[atom] = sig[1]
 
-    rules = _RuleCompiler(peer_atoms)
+    compiler = _RuleCompiler(peer_atoms)
     policies: dict[str, CompiledPolicy] = {}
     group_ingress: list[list[str]] = [[] for _ in group_ids]
     group_egress: list[list[str]] = [[] for _ in group_ids]
@@ -468,8 +477,8 @@ def compile_policies(inputs: PolicyInputs, previous: PolicyModel | None = None) 
             namespace=policy.namespace,
             name=policy.name,
             pod_selector=policy.pod_selector.text(),
-            ingress=tuple(rules.rule(policy, INGRESS, r) for r in policy.ingress) if has_ingress else None,
-            egress=tuple(rules.rule(policy, EGRESS, r) for r in policy.egress) if has_egress else None,
+            ingress=tuple(compiler.rule(policy, INGRESS, r) for r in policy.ingress) if has_ingress else None,
+            egress=tuple(compiler.rule(policy, EGRESS, r) for r in policy.egress) if has_egress else None,
         )
         for gid in bits(selection.pods(policy.namespace, None, policy.pod_selector)):
             if has_ingress:

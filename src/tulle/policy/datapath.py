@@ -109,8 +109,14 @@ def policy_chains() -> dict[str, NftChain]:
     egress = tuple(_vmap(EGRESS, f) for f in FAMILIES)
     ingress = tuple(_vmap(INGRESS, f) for f in FAMILIES)
     chains = {
-        "forward": NftChain("forward", ((_ESTABLISHED, {"accept": None}), *egress, *ingress), ("filter", "forward", 0, "accept")),
-        "input": NftChain("input", ((_ESTABLISHED, {"accept": None}), *egress), ("filter", "input", 0, "accept")),
+        "forward": NftChain(
+            "forward",
+            ((_ESTABLISHED, {"accept": None}), *egress, *ingress),
+            ("filter", "forward", 0, "accept"),
+        ),
+        "input": NftChain(
+            "input", ((_ESTABLISHED, {"accept": None}), *egress), ("filter", "input", 0, "accept")
+        ),
     }
     for direction in DIRECTIONS:
         for family in FAMILIES:

@@ -232,9 +232,7 @@ def parse_pod(obj: Any) -> tuple[Pod, list[str]]:
     if not isinstance(spec, dict):
         raise Malformed(f"{where}: spec must be an object")
     node = spec.get("nodeName") or ""
-    pod = Pod(
-        namespace, name, _labels(meta, where), (), _named_ports(spec, where), str(node) if node else ""
-    )
+    pod = Pod(namespace, name, _labels(meta, where), (), _named_ports(spec, where), str(node) if node else "")
     return pod, _status_addresses(obj, where)
 
 
@@ -313,10 +311,14 @@ def _port(obj: Any, where: str) -> PortEntry:
     return PortEntry(protocol, port, end)
 
 
-def _rules(spec: Mapping[str, Any], section: str, namespace: str, where: str, warnings: list[str]) -> tuple[Rule, ...]:
+def _rules(
+    spec: Mapping[str, Any], section: str, namespace: str, where: str, warnings: list[str]
+) -> tuple[Rule, ...]:
     raw = spec.get(section) or []
     if not isinstance(raw, list):
-        warnings.append(f"{where}: spec.{section} must be a list; the policy allows nothing in that direction")
+        warnings.append(
+            f"{where}: spec.{section} must be a list; the policy allows nothing in that direction"
+        )
         return ()
     peers_field = "from" if section == "ingress" else "to"
     out: list[Rule] = []

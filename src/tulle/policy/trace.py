@@ -113,7 +113,9 @@ class DirectionTrace:
             "pod": v.pod,
             "status": self.status(),
             "isolatedBy": list(v.isolating),
-            "allowedBy": [{"policy": c.policy, "index": c.index, "rule": c.text} for c in self.checks if c.allows],
+            "allowedBy": [
+                {"policy": c.policy, "index": c.index, "rule": c.text} for c in self.checks if c.allows
+            ],
             "rules": [
                 {
                     "policy": c.policy,
@@ -197,7 +199,8 @@ def trace(model: PolicyModel, src: str, dst: str, protocol: str | int, port: int
 
     >>> from tulle.policy.compiler import compile_policies
     >>> from tulle.policy.inputs import inputs_from_objects
-    >>> trace(compile_policies(inputs_from_objects([], [], [], [])), "10.0.0.1", "10.0.0.2", "TCP", 80).allowed
+    >>> model = compile_policies(inputs_from_objects([], [], [], []))
+    >>> trace(model, "10.0.0.1", "10.0.0.2", "TCP", 80).allowed
     True
     """
     src, dst = canonical_address(src), canonical_address(dst)

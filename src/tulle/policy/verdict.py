@@ -70,7 +70,11 @@ def port_ranges(ports: Iterable[CompiledPort], resolution: Resolution) -> list[t
         if not p.name:
             out.append((p.protocol, p.first, p.last))
             continue
-        out.extend((p.protocol, n, n) for name, proto, n in sorted(resolution) if name == p.name and proto == p.protocol)
+        out.extend(
+            (p.protocol, n, n)
+            for name, proto, n in sorted(resolution)
+            if name == p.name and proto == p.protocol
+        )
     return out
 
 
@@ -102,7 +106,14 @@ def resolution_for(model: PolicyModel, direction: str, pod: PodPolicy, peer_atom
 
 
 def decide(
-    model: PolicyModel, direction: str, src: str, dst: str, protocol: int, port: int | None, *, all_rules: bool = True
+    model: PolicyModel,
+    direction: str,
+    src: str,
+    dst: str,
+    protocol: int,
+    port: int | None,
+    *,
+    all_rules: bool = True,
 ) -> DirectionVerdict:
     """The verdict of one direction for the flow src -> dst (protocol, destination port).
 
