@@ -183,7 +183,8 @@ def _listener(path: str, family: int, kind: int, port: int) -> socket.socket:
         sock.close()
         proto = "TCP" if kind == socket.SOCK_STREAM else "UDP"
         raise OSError(
-            exc.errno, f"cannot serve {proto} [{host}]:{port} in {path}: {exc.strerror} (is another server there?)"
+            exc.errno,
+            f"cannot serve {proto} [{host}]:{port} in {path}: {exc.strerror} (is another server there?)",
         ) from exc
     return sock
 

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,19 @@ log = logging.getLogger(__name__)
 
 TUNNEL_HANDLE_PREFIX = "tulle-tunnel/"
 _HOST_VETH = re.compile(r"^tl[0-9a-f]{11}$")
+
+
+class Stopwatch:
+    """Milliseconds per step, for the log line of a command."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - self._last) * 1000, 1)
+        self._last = now
 
 
 def wep_name(pod: str, handle: str) -> str:
@@ -130,17 +144,21 @@ class CniService:
                 host_ifname=host_ifname_for(network, container_id, ifname),
                 mtu=int(request["config"].get("mtu") or agent.pod_mtu),
             )
+            steps = Stopwatch()
             agent.registry.put(ep)  # state "adding": rolled back on start if we die half-way
             try:
                 ips = agent.allocator.allocate(
                     handle, agent.families, {"pod": f"{namespace}/{pod}", "node": agent.config.node}
                 )
+                steps.lap("ipam")
                 ep.ips = [f"{ip}/{ip.max_prefixlen}" for ip in ips]
                 ep.mac = podnet.create(self._pod_interface(ep))
+                steps.lap("interface")
                 ep.host_mac = podnet.HOST_MAC
                 ep.state = "ready"
                 agent.registry.put(ep)
                 self._publish(ep)
+                steps.lap("publish")
             except BaseException as exc:
                 self._teardown(ep)
                 if isinstance(exc, IpamError):
@@ -150,9 +168,10 @@ class CniService:
                 if isinstance(exc, podnet.PodNetError):
                     raise CniError(spec.ERR_IO_FAILURE, str(exc))
                 raise
-        log.info("pod added", extra={"pod": f"{namespace}/{pod}", "ips": ep.ips, "iface": ep.host_ifname})
         # Policy for the new pod is in place before the runtime starts its containers.
         agent.sync_dataplane(timeout=5.0)
+        steps.lap("dataplane")
+        log.info("pod added", extra={"pod": f"{namespace}/{pod}", "ips": ep.ips, "iface": ep.host_ifname, "ms": steps.laps})
         return build_result(ep)
 
     def _pod_interface(self, ep: Endpoint) -> podnet.PodInterface:

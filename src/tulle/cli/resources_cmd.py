@@ -40,8 +40,31 @@ from tulle.model.validation import (
 )
 
 
+class _FlagsAnywhere(argparse.ArgumentParser):
+    """kubectl takes flags between names (`get pod -n web a`, `label pod a -n web k=v`); argparse
+    does that only when asked for intermixed parsing, which a parser without subparsers allows."""
+
+    _parsing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._parsing:
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
+def _add_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+    parser.__class__ = _FlagsAnywhere  # add_parser builds the main parser's class; only ours parse so
+    return parser
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         "apply",
         help="create or update objects from YAML or JSON, all or nothing",
         description="Create or update the objects in the files (YAML, multi-document YAML, JSON, a List). "
@@ -60,7 +83,8 @@ def register(sub: Any) -> None:
     add_datastore_args(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         "get",
         help="list objects, or show some by name",
         description="Show objects of one kind: KIND is kubectl's name for it (netpol, ns, po...).",
@@ -77,7 +101,8 @@ def register(sub: Any) -> None:
     add_datastore_args(p)
     p.set_defaults(func=cmd_get)
 
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         "delete",
         help="delete objects by name",
         description="Delete objects; deleting a Namespace deletes its Pods and NetworkPolicies.",
@@ -89,7 +114,8 @@ def register(sub: Any) -> None:
     add_datastore_args(p)
     p.set_defaults(func=cmd_delete)
 
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         "label",
         help="add, change or remove labels",
         description="KEY=VALUE sets a label (changing one needs --overwrite); KEY- removes it.",
