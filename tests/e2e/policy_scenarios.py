@@ -200,7 +200,7 @@ def format_matrix(
         for dst in PODS:
             symbol = "." if cells.get((src, dst)) else "X"
             row.append(f"[{symbol}]" if (src, dst) in marked else f" {symbol} ")
-        lines.append(f"{src}   " + " ".join(row))
+        lines.append((f"{src}   " + " ".join(row)).rstrip())
     return "\n".join(lines)
 
 
@@ -398,7 +398,7 @@ def policy(namespace: str, name: str, spec: str) -> Apply:
     return Apply(
         "apiVersion: networking.k8s.io/v1\n"
         "kind: NetworkPolicy\n"
-        f"metadata:\n  name: {name}\n  namespace: {namespace}\n"
+        f'metadata:\n  name: {name}\n  namespace: "{namespace}"\n'
         f"spec:\n{body}\n"
     )
 
@@ -1179,6 +1179,31 @@ SCENARIOS: tuple[Scenario, ...] = (
             z/a    .   .   .   .   .   .   .   .   .
             z/b    .   .   .   .   .   .   .   .   .
             z/c    .   .   .   .   .   .   .   .   .
+            """),
+        ),
+    ),
+    Scenario(
+        "policy-pod-selector-does-not-exist",
+        "DoesNotExist in the policy's podSelector isolates the pods without the key: x/a, x/b, not x/c",
+        (
+            label_pod("x/c", {"exempt": "yes"}),
+            policy("x", "isolate-unexempt", """
+                podSelector:
+                  matchExpressions:
+                  - {key: exempt, operator: DoesNotExist}
+                policyTypes: [Ingress]
+            """),
+            *expect_all((TCP80, UDP81), """
+                  x/a x/b x/c y/a y/b y/c z/a z/b z/c
+            x/a    .   X   .   .   .   .   .   .   .
+            x/b    X   .   .   .   .   .   .   .   .
+            x/c    X   X   .   .   .   .   .   .   .
+            y/a    X   X   .   .   .   .   .   .   .
+            y/b    X   X   .   .   .   .   .   .   .
+            y/c    X   X   .   .   .   .   .   .   .
+            z/a    X   X   .   .   .   .   .   .   .
+            z/b    X   X   .   .   .   .   .   .   .
+            z/c    X   X   .   .   .   .   .   .   .
             """),
         ),
     ),

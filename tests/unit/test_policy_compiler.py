@@ -543,6 +543,7 @@ def test_an_address_claimed_twice_is_reported() -> None:
 
 
 def test_malformed_objects_are_skipped_and_reported() -> None:
+    """I10: malformed input is reported, never fatal, and a bad rule fails closed."""
     bad_rule = netpol(
         "x",
         "partly",
@@ -577,6 +578,20 @@ def test_malformed_objects_are_skipped_and_reported() -> None:
     assert "x/badsel" not in model.policies
     # A rule with bad ports allows nothing; the pod stays isolated.
     assert not allowed(model, "10.0.0.2", "10.0.0.1", 80)
+
+
+def test_a_bad_port_or_address_does_not_cost_a_pod_its_labels() -> None:
+    """Fail closed: a pod whose labels are readable stays selected, so it stays isolated."""
+    odd = pod("x", "odd", ["10.0.0.7", "not-an-ip"], {"app": "b"}, [("http", 8080, "TCP"), ("bad", 0, "TCP")])
+    odd["spec"]["containers"].append(
+        {"name": "side", "ports": [{"name": "x", "containerPort": 1, "protocol": "ICMP"}]}
+    )
+    model = build(NAMESPACES, [odd], [netpol("x", "deny", podSelector=labelled("app", "b"))])
+    assert model.pods["x/odd"].ingress == ("x/deny",)
+    assert model.pods["x/odd"].addresses == ("10.0.0.7",)
+    assert model.pods["x/odd"].named_ports == frozenset({("http", TCP, 8080)})
+    text = "\n".join(model.warnings)
+    assert "not-an-ip" in text and "containerPort" in text and "ICMP" in text
 
 
 GARBAGE = st.recursive(
@@ -799,7 +814,8 @@ def test_policy_table_shape() -> None:
     assert table.sets["ingress_endpoints_v4"].elements == {((b,), ("jump", "ingress_isolated_v4"))}
     atom_a = model.atom("10.0.0.1")
     # 70-90 and 85-100 and 80 merge into one element: nft refuses overlapping intervals.
-    assert table.sets["ingress_peer_ports_v4"].elements == {((b, b), (atom_a, atom_a), (TCP, TCP), (70, 100))}
+    marks = (2 * atom_a, 2 * atom_a + 1)  # see tulle.policy.datapath: the mark range of one atom
+    assert table.sets["ingress_peer_ports_v4"].elements == {((b, b), marks, (TCP, TCP), (70, 100))}
     assert drop_counters(model, ["10.0.0.1", "10.0.0.2", "fd00::2"]) == {
         "drop_ingress_v4_10_0_0_2": ("x/b", INGRESS),
         "drop_ingress_v6_fd00__2": ("x/b", INGRESS),
@@ -882,7 +898,7 @@ def test_rule_count_stays_flat_as_pods_and_policies_grow() -> None:
     model = build(nss, pods, policies)
     local = [ip["ip"] for p in pods[:100] for ip in p["status"]["podIPs"]]
     big = policy_table(model, local)
-    assert big.rule_count() == empty.rule_count() == 36
+    assert big.rule_count() == empty.rule_count() == 37
     assert big.chains == empty.chains
     assert sum(len(s.elements) for s in big.sets.values()) > 1000
     _interval_sets_are_disjoint(model, local)
@@ -1026,7 +1042,7 @@ def clusters(draw: st.DrawFn) -> tuple[list[Obj], list[Obj], list[Obj], list[Obj
 
 def reference_allowed(inputs: PolicyInputs, src: str, dst: str, protocol: int, port: int | None) -> bool:
     """Kubernetes NetworkPolicy, evaluated directly on labels for one flow."""
-    by_address = {}
+    by_address: dict[str, Any] = {}
     for p in inputs.pods:
         for a in p.addresses:
             by_address.setdefault(a, p)

@@ -51,6 +51,24 @@ def wep_name(pod: str, handle: str) -> str:
     return f"{pod}.{hashlib.sha256(handle.encode()).hexdigest()[:8]}"
 
 
+def wep_object(ep: Endpoint, node: str) -> dict[str, Any]:
+    return {
+        "apiVersion": WORKLOAD_ENDPOINT.api_version,
+        "kind": WORKLOAD_ENDPOINT.kind,
+        "metadata": {"name": wep_name(ep.pod, ep.handle), "namespace": ep.namespace},
+        "spec": {
+            "node": node,
+            "pod": ep.pod,
+            "containerID": ep.container_id,
+            "ifname": ep.ifname,
+            "network": ep.network,
+            "ips": [a.split("/")[0] for a in ep.ips],
+            "hostInterface": ep.host_ifname,
+            "mac": ep.mac,
+        },
+    }
+
+
 def pod_identity(request: dict[str, Any]) -> tuple[str, str]:
     """(namespace, pod) from CNI_ARGS; namespace `default` when absent, as podman sends it."""
     args = request.get("args") or {}
@@ -87,7 +105,7 @@ class CniService:
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
-    def _lock(self, handle: str) -> threading.Lock:
+    def lock(self, handle: str) -> threading.Lock:
         # The runtime never runs two commands for one attachment at once (spec: "must not invoke
         # parallel operations for the same container"), but GC and pending DELs may.
         with self._locks_guard:
@@ -127,7 +145,7 @@ class CniService:
         if not os.path.exists(netns):
             raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"CNI_NETNS {netns} does not exist")
         namespace, pod = pod_identity(request)
-        with self._lock(handle):
+        with self.lock(handle):
             existing = agent.registry.get(network, container_id, ifname)
             if existing is not None and existing.state == "ready" and existing.netns == netns:
                 if not podnet.check(self._pod_interface(existing), []):
@@ -169,7 +187,7 @@ class CniService:
                     raise CniError(spec.ERR_IO_FAILURE, str(exc))
                 raise
         # Policy for the new pod is in place before the runtime starts its containers.
-        agent.sync_dataplane(timeout=5.0)
+        agent.sync_policy()
         steps.lap("dataplane")
         log.info("pod added", extra={"pod": f"{namespace}/{pod}", "ips": ep.ips, "iface": ep.host_ifname, "ms": steps.laps})
         return build_result(ep)
@@ -181,23 +199,7 @@ class CniService:
 
     def _publish(self, ep: Endpoint) -> None:
         """The WorkloadEndpoint: tells every node which pod has which addresses."""
-        self.agent.store.update(
-            {
-                "apiVersion": WORKLOAD_ENDPOINT.api_version,
-                "kind": WORKLOAD_ENDPOINT.kind,
-                "metadata": {"name": wep_name(ep.pod, ep.handle), "namespace": ep.namespace},
-                "spec": {
-                    "node": self.agent.config.node,
-                    "pod": ep.pod,
-                    "containerID": ep.container_id,
-                    "ifname": ep.ifname,
-                    "network": ep.network,
-                    "ips": [a.split("/")[0] for a in ep.ips],
-                    "hostInterface": ep.host_ifname,
-                    "mac": ep.mac,
-                },
-            }
-        )
+        self.agent.store.put(wep_object(ep, self.agent.config.node))
 
     def _teardown(self, ep: Endpoint) -> None:
         """Undo everything an endpoint may hold; idempotent. Raises DatastoreError if it cannot release."""
@@ -225,7 +227,7 @@ class CniService:
         network = request["config"]["name"]
         container_id, ifname = request["containerID"], request["ifname"]
         handle = handle_for(network, container_id, ifname)
-        with self._lock(handle):
+        with self.lock(handle):
             ep = agent.registry.get(network, container_id, ifname)
             if ep is None:
                 # Spec: a DEL for an unknown container, or one without netns, succeeds; still give
@@ -293,7 +295,7 @@ class CniService:
         removed = 0
         for ep in agent.registry.all():
             if ep.network == network and (ep.container_id, ep.ifname) not in valid:
-                with self._lock(ep.handle):
+                with self.lock(ep.handle):
                     self._teardown(ep)
                 removed += 1
 

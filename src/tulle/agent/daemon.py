@@ -8,6 +8,7 @@ FDB entries and the nftables table are reconciled (diffed), never flushed.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ipaddress
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from tulle.agent.cache import ClusterCache, Snapshot
-from tulle.agent.cni_service import TUNNEL_HANDLE_PREFIX, CniService, is_host_veth, wep_name
+from tulle.agent.cni_service import TUNNEL_HANDLE_PREFIX, CniService, is_host_veth, wep_name, wep_object
 from tulle.agent.endpoints import Endpoint, EndpointRegistry
 from tulle.agent.node import node_info, node_object
 from tulle.cni.plugin import record_pending_del
@@ -178,6 +179,7 @@ class Agent:
         self._wake = threading.Condition()
         self._requested = 0
         self._done = 0
+        self._full_wanted = True
         self._gone_since: dict[str, float] = {}
         self._last_error = ""
         self._last_reconcile = 0.0
@@ -186,6 +188,10 @@ class Agent:
         self._pending_cut: tuple[Any, list[str]] | None = None
         self._ipam_errors: list[str] = []
         self._server: _ApiServer | None = None
+        self._nft_lock = threading.Lock()
+        self._policy_pass_started = 0.0
+        self._applied_routing: Any = None
+        self._policy_addresses: dict[str, str] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -219,21 +225,29 @@ class Agent:
             log.warning("no IPPool exists yet; create one (tulle apply -f pool.yaml)")
             self._stop.wait(1.0)
 
-    def _recover_endpoints(self) -> None:
-        """Roll back half-done ADDs, forget endpoints whose pod is gone, repair the rest."""
+    def _recover_endpoints(self, startup: bool) -> None:
+        """Forget endpoints whose pod is gone and repair the rest; at start-up also roll back ADDs
+        that an earlier agent left half-done (later, an endpoint being added is an ADD in flight)."""
+        ready = []
         for ep in self.registry.all():
-            try:
-                if ep.state != "ready" or not podnet.host_side_exists(ep.host_ifname):
-                    log.info("removing a dead endpoint", extra={"pod": f"{ep.namespace}/{ep.pod}", "state": ep.state})
-                    self.cni._teardown(ep)
-                    continue
-                changed = podnet.ensure_host_side(self.cni._pod_interface(ep), ep.mac)
-                if changed:
-                    log.info("repaired a pod's host side", extra={"pod": f"{ep.namespace}/{ep.pod}", "changed": changed})
-            except DatastoreError:
-                raise
-            except Exception as exc:
-                log.error("cannot recover endpoint", extra={"pod": f"{ep.namespace}/{ep.pod}", "error": str(exc)})
+            if ep.state == "ready":
+                ready.append(ep)
+            elif startup:
+                log.info("rolling back a half-done ADD", extra={"pod": f"{ep.namespace}/{ep.pod}"})
+                self.cni._teardown(ep)
+        changed = podnet.repair_host_sides([(self.cni._pod_interface(ep), ep.mac) for ep in ready])
+        for ep in ready:
+            what = changed.get(ep.host_ifname)
+            if not what:
+                continue
+            if what == ["host interface missing"]:
+                with self.cni.lock(ep.handle):
+                    current = self.registry.get(ep.network, ep.container_id, ep.ifname)
+                    if current is not None and current.state == "ready" and not podnet.host_side_exists(ep.host_ifname):
+                        log.info("removing an endpoint whose pod is gone", extra={"pod": f"{ep.namespace}/{ep.pod}"})
+                        self.cni._teardown(current)
+                continue
+            log.info("repaired a pod's host side", extra={"pod": f"{ep.namespace}/{ep.pod}", "changed": what})
 
     def pending_dir(self) -> str:
         return os.path.join(self.config.state_dir, "pending-del")
@@ -324,7 +338,7 @@ class Agent:
         self.lease = self.datastore.grant_lease(self.config.lease_ttl)
         addresses = [str(ipaddress.ip_interface(a).ip) for a in self.underlay.addresses]
         obj = node_object(self.config.node, self.config.mode, addresses, self.vxlan_endpoints())
-        self.store.update(obj, lease=self.lease)
+        self.store.put(obj, lease=self.lease)
         self.registered = True
         log.info("registered node", extra={"node": self.config.node, "addresses": addresses})
 
@@ -352,7 +366,7 @@ class Agent:
             "starting",
             extra={"node": cfg.node, "mode": cfg.mode, "families": self.families, "mtu": self.pod_mtu},
         )
-        self._recover_endpoints()
+        self._recover_endpoints(startup=True)
         self.replay_pending_deletes()
         self._collect_leaked_addresses()
         self.remove_stray_interfaces()
@@ -361,7 +375,7 @@ class Agent:
         threading.Thread(target=self._keep_lease, name="lease", daemon=True).start()
         self.cache.start()
         self.cache.wait_synced(30)
-        self.reconcile()
+        self.reconcile(full=True)
         threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
         self._serve()
 
@@ -443,14 +457,29 @@ class Agent:
 
     # -- reconciling ------------------------------------------------------------------------
 
-    def request_reconcile(self) -> int:
+    def request_reconcile(self, policy_only: bool = False) -> int:
+        """Ask the loop for a pass; several requests before it runs make one pass."""
         with self._wake:
             self._requested += 1
+            if not policy_only:
+                self._full_wanted = True
             self._wake.notify_all()
             return self._requested
 
+    def sync_policy(self) -> None:
+        """Bring the nftables table up to date now, in the caller's thread.
+
+        An ADD calls this, so a new pod is isolated by its policies before the runtime starts
+        its containers. Cheap (only the table); callers queued on the lock share one pass: a
+        pass that started after a caller arrived covers it."""
+        arrived = time.monotonic()
+        with self._nft_lock:
+            if self._policy_pass_started > arrived:
+                return
+            self._apply_nft_locked(self.cache.snapshot())
+
     def sync_dataplane(self, timeout: float) -> bool:
-        """Ask for a reconcile and wait until one that started after this call has finished."""
+        """Ask for a full reconcile and wait until one that started after this call has finished."""
         wanted = self.request_reconcile()
         deadline = time.monotonic() + timeout
         with self._wake:
@@ -472,11 +501,15 @@ class Agent:
                         wait = min(wait, ends + 0.05)
                     self._wake.wait(timeout=max(0.1, wait))
                 target = self._requested
+                full_wanted, self._full_wanted = self._full_wanted, False
             if self._stop.is_set():
                 return
             full = time.monotonic() - last_full >= self.config.resync_interval
             try:
-                self.reconcile(full=full)
+                if full or full_wanted or target == self._done:
+                    self.reconcile(full=full)
+                else:
+                    self.reconcile_policy()
                 self._last_error = ""
             except Exception as exc:
                 self._last_error = str(exc)
@@ -499,7 +532,7 @@ class Agent:
         started = time.monotonic()
         if full:
             self.pools = self.load_pools() or self.pools
-            self._recover_endpoints()
+            self._recover_endpoints(startup=False)
             self.replay_pending_deletes()
             if self._ipam_errors:
                 had_tunnels = dict(self.tunnels)
@@ -513,41 +546,59 @@ class Agent:
         blocks = [BlockInfo(cidr=b["cidr"], node=b["node"]) for b in snap.blocks(self.config.prefix)]
         local = LocalNode(name=self.config.node, mode=self.config.mode, underlay=self.underlay.addresses)
         desired = compile_routing(local, nodes, blocks)
-        devices = []
-        for family, tunnel in self.tunnels.items():
-            underlay_address = self.underlay.address(family)
-            assert underlay_address is not None
-            dev = VxlanDevice(
-                name=vxlan_device(family),
-                family=family,
-                local=underlay_address,
-                underlay_ifname=self.underlay.ifname,
-                mac=vxlan_mac(self.config.node, family),
-                mtu=self.underlay.mtu - (50 if family == 4 else 70),
-                tunnel_address=tunnel,
-            )
-            ensure_vxlan(dev)
-            devices.append(dev.name)
-        route_change = reconcile_routes(desired.routes)
-        reconcile_neighbours(desired.neighbours, devices)
-        reconcile_fdb(desired.fdb, devices)
-        table = nat_table(self.pools).merge(self._policy_table(snap))
-        commands = self.nft.apply(table)
-        self.cut_denied()
+        route_change = None
+        # An event-driven pass touches the kernel only if what we want changed; the periodic
+        # (full) pass compares with the kernel itself and repairs drift.
+        if full or desired != self._applied_routing:
+            devices = []
+            for family, tunnel in self.tunnels.items():
+                underlay_address = self.underlay.address(family)
+                assert underlay_address is not None
+                dev = VxlanDevice(
+                    name=vxlan_device(family),
+                    family=family,
+                    local=underlay_address,
+                    underlay_ifname=self.underlay.ifname,
+                    mac=vxlan_mac(self.config.node, family),
+                    mtu=self.underlay.mtu - (50 if family == 4 else 70),
+                    tunnel_address=tunnel,
+                )
+                ensure_vxlan(dev)
+                devices.append(dev.name)
+            self._applied_routing = None
+            route_change = reconcile_routes(desired.routes)
+            reconcile_neighbours(desired.neighbours, devices)
+            reconcile_fdb(desired.fdb, devices)
+            self._applied_routing = desired
+        commands = self._apply_nft(snap, verify=full)
         self._collect_gone_nodes(snap, {n.name for n in nodes})
         self._last_reconcile = time.time()
         if route_change or commands:
             log.info(
                 "reconciled",
                 extra={
-                    "routes_added": len(route_change.add),
-                    "routes_removed": len(route_change.remove),
+                    "routes_added": len(route_change.add) if route_change else 0,
+                    "routes_removed": len(route_change.remove) if route_change else 0,
                     "nft_commands": len(commands),
                     "seconds": round(time.monotonic() - started, 3),
                 },
             )
         for reason in desired.unreachable:
             log.warning("no route", extra={"reason": reason})
+
+    def _apply_nft(self, snap: Snapshot, verify: bool = False) -> list[dict[str, Any]]:
+        with self._nft_lock:
+            return self._apply_nft_locked(snap, verify)
+
+    def _apply_nft_locked(self, snap: Snapshot, verify: bool = False) -> list[dict[str, Any]]:
+        self._policy_pass_started = time.monotonic()
+        commands = self.nft.apply(nat_table(self.pools).merge(self._policy_table(snap)), verify=verify)
+        self.cut_denied()
+        return commands
+
+    def reconcile_policy(self) -> None:
+        """The cheap pass: only the nftables table (policy for new or changed endpoints)."""
+        self._apply_nft(self.cache.snapshot())
 
     def _policy_table(self, snap: Snapshot) -> NftTable:
         """The NetworkPolicy part of the table (and cutting connections a change denies)."""
@@ -562,19 +613,46 @@ class Agent:
             snap.objects(prefix, NAMESPACE),
             snap.objects(prefix, POD),
             snap.objects(prefix, NETWORK_POLICY),
-            snap.objects(prefix, WORKLOAD_ENDPOINT),
+            self._endpoint_objects(snap),
         )
         inputs = inputs_from_objects(*objects)
         model = compile_policies(inputs, self._policy_model)
         local = self.local_ips()
         table = policy_table(model, local)
-        digest = json.dumps([[o.get("metadata", {}).get("resourceVersion") for o in group] for group in objects])
-        changed = digest != self._policy_digest
+        # Connections can only become denied when policies, labels or named ports change, or
+        # when an address moves to another pod; a new pod alone denies nothing that exists.
+        rules = (objects[0], [(o.get("metadata", {}).get("labels"), o.get("spec")) for o in objects[1]], objects[2])
+        digest = hashlib.sha256(json.dumps(rules, sort_keys=True, default=str).encode()).hexdigest()
+        addresses = {
+            ip: f"{o['metadata'].get('namespace')}/{o.get('spec', {}).get('pod')}"
+            for o in objects[3]
+            for ip in o.get("spec", {}).get("ips", [])
+        }
+        moved = any(addresses.get(ip) != owner for ip, owner in self._policy_addresses.items())
+        self._policy_addresses = addresses
+        changed = digest != self._policy_digest or moved
         self._policy_model = model
         self._policy_digest = digest
         if changed:
             self._pending_cut = (model, local)
         return table
+
+    def _endpoint_objects(self, snap: Snapshot) -> list[dict[str, Any]]:
+        """All WorkloadEndpoints: the datastore's, with this node's taken from our own registry,
+        which knows a new pod before the watch brings its endpoint back."""
+        local = {}
+        for ep in self.registry.all():
+            if ep.state == "ready":
+                obj = wep_object(ep, self.config.node)
+                local[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
+        out = list(local.values())
+        for obj in snap.objects(self.config.prefix, WORKLOAD_ENDPOINT):
+            meta = obj.get("metadata", {})
+            if obj.get("spec", {}).get("node") == self.config.node:
+                continue  # ours come from the registry (a deleted one must not linger)
+            if (meta.get("namespace"), meta.get("name")) not in local:
+                out.append(obj)
+        return out
 
     def cut_denied(self) -> None:
         pending = self._pending_cut

@@ -56,24 +56,34 @@ def host_ifname_for(network: str, container_id: str, ifname: str) -> str:
 
 
 class EndpointRegistry:
+    """The endpoints on disk, with a copy in memory: reads never touch the disk."""
+
     def __init__(self, state_dir: str) -> None:
         self.folder = os.path.join(state_dir, "endpoints")
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
+        self._cache: dict[str, Endpoint] = {}
+        for name in sorted(os.listdir(self.folder)):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.folder, name)) as f:
+                    ep = Endpoint.from_dict(json.load(f))
+            except (OSError, ValueError, TypeError):
+                continue  # a record we cannot read is garbage-collected with its addresses
+            self._cache[ep.handle] = ep
 
-    def _path(self, network: str, container_id: str, ifname: str) -> str:
-        name = hashlib.sha256(handle_for(network, container_id, ifname).encode()).hexdigest()[:32]
+    def _path(self, handle: str) -> str:
+        name = hashlib.sha256(handle.encode()).hexdigest()[:32]
         return os.path.join(self.folder, name + ".json")
 
     def get(self, network: str, container_id: str, ifname: str) -> Endpoint | None:
-        try:
-            with open(self._path(network, container_id, ifname)) as f:
-                return Endpoint.from_dict(json.load(f))
-        except FileNotFoundError:
-            return None
+        with self._lock:
+            ep = self._cache.get(handle_for(network, container_id, ifname))
+            return Endpoint.from_dict(ep.to_dict()) if ep else None
 
     def put(self, endpoint: Endpoint) -> None:
-        path = self._path(endpoint.network, endpoint.container_id, endpoint.ifname)
+        path = self._path(endpoint.handle)
         tmp = f"{path}.tmp"
         with self._lock:
             with open(tmp, "w") as f:
@@ -81,21 +91,16 @@ class EndpointRegistry:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            self._cache[endpoint.handle] = Endpoint.from_dict(endpoint.to_dict())
 
     def remove(self, endpoint: Endpoint) -> None:
-        try:
-            os.unlink(self._path(endpoint.network, endpoint.container_id, endpoint.ifname))
-        except FileNotFoundError:
-            pass
+        with self._lock:
+            try:
+                os.unlink(self._path(endpoint.handle))
+            except FileNotFoundError:
+                pass
+            self._cache.pop(endpoint.handle, None)
 
     def all(self) -> list[Endpoint]:
-        out = []
-        for name in sorted(os.listdir(self.folder)):
-            if not name.endswith(".json"):
-                continue
-            try:
-                with open(os.path.join(self.folder, name)) as f:
-                    out.append(Endpoint.from_dict(json.load(f)))
-            except (OSError, ValueError):
-                continue
-        return out
+        with self._lock:
+            return [Endpoint.from_dict(ep.to_dict()) for _, ep in sorted(self._cache.items())]

@@ -80,6 +80,13 @@ def resolve_endpoint(model: PolicyModel, text: str, family: int) -> str:
     raise UserError(f"pod {key} has no IPv{family} address (it has: {have}); try --family {10 - family}")
 
 
+def _literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def load_model(args: argparse.Namespace) -> PolicyModel:
     store = open_store(args)
     objects = [
@@ -94,8 +101,10 @@ def run_trace(args: argparse.Namespace) -> int:
     model = load_model(args)
     for warning in model.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    src = resolve_endpoint(model, args.src, args.family)
-    dst = resolve_endpoint(model, args.dst, args.family)
+    # An address given on one side decides the family of a pod named on the other.
+    family = next((a.version for a in map(_literal, (args.src, args.dst)) if a is not None), args.family)
+    src = resolve_endpoint(model, args.src, family)
+    dst = resolve_endpoint(model, args.dst, family)
     try:
         result = trace(model, src, dst, protocol, port)
     except ValueError as exc:

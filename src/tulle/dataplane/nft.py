@@ -242,6 +242,7 @@ class NftReconciler:
         self._nft.set_numeric_proto_output(True)
         self._nft.set_numeric_prio_output(True)
         self._lock = threading.Lock()
+        self._applied: ActualTable | None = None
 
     def _run_json(self, commands: list[dict[str, Any]]) -> None:
         if not commands:
@@ -351,11 +352,22 @@ class NftReconciler:
                 )
         return out
 
-    def apply(self, desired: NftTable) -> list[dict[str, Any]]:
-        """Make the table equal to desired; return the commands sent (empty when nothing changed)."""
+    def apply(self, desired: NftTable, verify: bool = True) -> list[dict[str, Any]]:
+        """Make the table equal to desired; return the commands sent (empty when nothing changed).
+
+        verify=False diffs against what the last apply left instead of reading the kernel: an
+        update then costs what it changes, not the size of the table. The periodic resync
+        verifies, which repairs anything changed behind our back.
+        """
         with self._lock:
-            commands = self.plan(desired, self.read())
-            self._run_json(commands)
+            actual = self._applied if (not verify and self._applied is not None) else self.read()
+            commands = self.plan(desired, actual)
+            try:
+                self._run_json(commands)
+            except NftError:
+                self._applied = None
+                raise
+            self._applied = as_actual(desired)
             return commands
 
     def counters(self) -> dict[str, tuple[int, int]]:
@@ -364,8 +376,22 @@ class NftReconciler:
 
     def delete_table(self) -> None:
         with self._lock:
+            self._applied = None
             if self.read().exists:
                 self._run_json([{"delete": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}}])
+
+
+def as_actual(table: NftTable) -> ActualTable:
+    """What the kernel holds after `table` was applied, in the form read() returns."""
+    return ActualTable(
+        exists=True,
+        chains={name: (c.hook, [rule_id(r) for r in c.rules]) for name, c in table.chains.items()},
+        sets={
+            name: NftSet(s.name, s.type, s.flags, s.map, canonical_elements(s, s.elements))
+            for name, s in table.sets.items()
+        },
+        counters={name: (0, 0) for name in table.counters},
+    )
 
 
 def want_kind(s: NftSet) -> str:

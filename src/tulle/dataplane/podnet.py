@@ -78,49 +78,75 @@ def _pod_side(pod: PodInterface) -> str:
         return str(link.get("address"))
 
 
-def ensure_host_side(pod: PodInterface, pod_mac: str) -> list[str]:
-    """Make the node's end of the veth as it must be; return what had to be changed.
+def _configure_host_side(ipr: IPRoute, idx: int, pod: PodInterface, pod_mac: str) -> None:
+    """Write the node's end: up, the IPv6 gateway address, a route and a neighbour per address."""
+    ipr.link("set", index=idx, state="up")
+    if any(iface.version == 6 for iface in _addresses(pod)):
+        try:
+            ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=IFA_F_NODAD)
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST
+                raise
+    for iface in _addresses(pod):
+        family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+        dst = str(iface.ip)
+        ipr.route(
+            "replace",
+            dst=f"{dst}/{iface.max_prefixlen}",
+            oif=idx,
+            scope="link",
+            proto=RTPROT_TULLE_POD,
+            family=family,
+        )
+        ipr.neigh("replace", dst=dst, lladdr=pod_mac, ifindex=idx, state=NUD_PERMANENT, family=family)
 
-    Idempotent: the agent calls it for every pod on start, so a route deleted while the agent
-    was down comes back, and nothing that is right is touched.
+
+def repair_host_sides(pods: list[tuple[PodInterface, str]]) -> dict[str, list[str]]:
+    """Make the node's end of every pod's veth as it must be; return what had to change, per pod.
+
+    Reads the kernel once (links, addresses, routes, neighbours) and writes only what is
+    missing or wrong, so that a restarted agent brings back a route deleted while it was down
+    and touches nothing that is right. Pods whose host interface is gone are reported as such.
     """
-    changed: list[str] = []
+    changed: dict[str, list[str]] = {}
+    if not pods:
+        return changed
     with IPRoute() as ipr:
-        idx = _index(ipr, pod.host_ifname)
-        if idx is None:
-            raise PodNetError(f"host interface {pod.host_ifname} of the pod is missing")
-        link = ipr.get_links(idx)[0]
-        if link.get("state") != "up":
-            ipr.link("set", index=idx, state="up")
-            changed.append("link up")
-        families = {iface.version for iface in _addresses(pod)}
-        if 6 in families:
-            have = {a.get("address") for a in ipr.get_addr(index=idx, family=socket.AF_INET6)}
-            if GATEWAY_V6 not in have:
-                ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=IFA_F_NODAD)
-                changed.append(f"address {GATEWAY_V6}")
-        for iface in _addresses(pod):
-            family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
-            dst = str(iface.ip)
-            routes = [
-                r
-                for r in ipr.get_routes(family=family, table=254, oif=idx)
-                if r.get("dst") == dst and r.get("dst_len") == iface.max_prefixlen
-            ]
-            if not routes:
-                ipr.route(
-                    "replace",
-                    dst=f"{dst}/{iface.max_prefixlen}",
-                    oif=idx,
-                    scope="link",
-                    proto=RTPROT_TULLE_POD,
-                    family=family,
-                )
-                changed.append(f"route {dst}")
-            neighbours = [n for n in ipr.get_neighbours(family=family, ifindex=idx) if n.get("dst") == dst]
-            if not any(n.get("lladdr") == pod_mac and n.get("state") == NUD_PERMANENT for n in neighbours):
-                ipr.neigh("replace", dst=dst, lladdr=pod_mac, ifindex=idx, state=NUD_PERMANENT, family=family)
-                changed.append(f"neighbour {dst}")
+        links = {link.get("ifname"): link for link in ipr.get_links()}
+        gw6 = {a["index"] for a in ipr.get_addr(family=socket.AF_INET6) if a.get("address") == GATEWAY_V6}
+        routes = {
+            (r["family"], r.get("dst"), r.get("oif"))
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in ipr.get_routes(family=family, table=254, proto=RTPROT_TULLE_POD)
+        }
+        neighbours = {
+            (n.get("ifindex"), n.get("dst")): (n.get("lladdr"), n["state"])
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for n in ipr.get_neighbours(family=family)
+        }
+        for pod, mac in pods:
+            link = links.get(pod.host_ifname)
+            if link is None:
+                changed[pod.host_ifname] = ["host interface missing"]
+                continue
+            idx = link["index"]
+            todo = []
+            if link.get("state") != "up":
+                todo.append("link up")
+            for iface in _addresses(pod):
+                family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+                if iface.version == 6 and idx not in gw6:
+                    todo.append(f"address {GATEWAY_V6}")
+                if (family, str(iface.ip), idx) not in routes:
+                    todo.append(f"route {iface.ip}")
+                if neighbours.get((idx, str(iface.ip))) != (mac, NUD_PERMANENT):
+                    todo.append(f"neighbour {iface.ip}")
+            if todo:
+                try:
+                    _configure_host_side(ipr, idx, pod, mac)
+                except NetlinkError as exc:  # deleted meanwhile by a DEL: nothing to repair
+                    todo.append(f"failed: {exc}")
+                changed[pod.host_ifname] = todo
     return changed
 
 
@@ -154,7 +180,11 @@ def create(pod: PodInterface) -> str:
                 raise PodNetError(f"cannot create the veth pair {pod.host_ifname}: {exc}")
     try:
         mac = run_in_netns(pod.netns, lambda: _pod_side(pod))
-        ensure_host_side(pod, mac)
+        with IPRoute() as ipr:
+            idx = _index(ipr, pod.host_ifname)
+            if idx is None:
+                raise PodNetError(f"host interface {pod.host_ifname} vanished while the pod was plumbed")
+            _configure_host_side(ipr, idx, pod, mac)
         return mac
     except BaseException:
         delete(pod.host_ifname)

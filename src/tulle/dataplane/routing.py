@@ -148,12 +148,16 @@ def _route_from_msg(ipr: IPRoute, msg: Any, names: dict[int, str]) -> Route:
 
 
 def actual_routes(ipr: IPRoute) -> set[Route]:
-    names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
-    out: set[Route] = set()
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for msg in ipr.get_routes(family=family, table=254, proto=RTPROT_TULLE_NODE):
-            out.add(_route_from_msg(ipr, msg, names))
-    return out
+    msgs = [
+        msg
+        for family in (socket.AF_INET, socket.AF_INET6)
+        for msg in ipr.get_routes(family=family, table=254, proto=RTPROT_TULLE_NODE)
+    ]
+    # Names only for the few devices our onlink routes use (dumping every link costs O(pods)).
+    names: dict[int, str] = {}
+    for oif in {m.get("oif") for m in msgs if m["flags"] & RTNH_F_ONLINK and m.get("oif")}:
+        names[oif] = ipr.get_links(oif)[0].get("ifname")
+    return {_route_from_msg(ipr, msg, names) for msg in msgs}
 
 
 def _route_args(ipr: IPRoute, route: Route) -> dict[str, Any]:

@@ -1,19 +1,20 @@
-"""The etcd v3 backend.
+"""The etcd v3 backend: etcd's v3 JSON gateway spoken with the standard library.
 
-Why etcd3gw: it is maintained (OpenStack releases it, typed, 2.x in 2025), pure Python over
-etcd's v3 JSON gateway, and needs only `requests`. The alternatives cost more: PyPI's `etcd3`
-has had no release since 2020 and pins old grpcio/protobuf; `aetcd` pulls in grpcio (~20 MB of
-RSS and a slow import) and forces asyncio on every caller. The agent's RSS budget is 60 MB.
+Why not a client library: the maintained ones cost the agent more memory than it may use.
+etcd3gw (OpenStack's, the maintained choice for the JSON gateway) imports requests, urllib3,
+charset_normalizer and futurist: +21 MB of RSS at import, measured here, against +7 MB for
+http.client and json; the agent's budget is 60 MB with 100 pods. PyPI's `etcd3` has had no
+release since 2020 and pins old grpcio/protobuf; `aetcd` needs grpcio (~20 MB and a slow
+import) and asyncio everywhere. The gateway protocol we need is small: range, put, delete,
+txn, lease grant/keepalive/revoke and a watch stream, each a POST of a JSON body.
 
-We use etcd3gw for requests, leases, create-if-absent and transactions, and read ranges and
-watch streams ourselves: etcd3gw's range hides the store revision a read was made at, and its
-watch thread swallows a broken stream (the iterator then blocks for ever). Both are needed so
-that `list` + `watch` from the listed revision misses no change and a lost stream is noticed.
+Every call raises DatastoreError (never a transport exception) so callers handle one thing.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import queue
 import socket
@@ -21,11 +22,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
-
-import requests
-from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import Etcd3Exception
-from etcd3gw.lease import Lease
 
 from tulle.datastore.base import (
     DatastoreError,
@@ -64,6 +60,55 @@ def _range_end(prefix: str) -> str:
     return _b64(b"\0")
 
 
+class _Gateway:
+    """Keep-alive HTTP connections to one etcd, shared by the agent's threads (a small pool)."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def connect(self, timeout: float | None) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        payload = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        for attempt in (0, 1):
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            reused = conn is not None
+            if conn is None:
+                conn = self.connect(self.timeout)
+            try:
+                conn.request("POST", f"/v3/{path}", body=payload, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                conn.close()
+                if reused and attempt == 0:
+                    continue  # the server closed an idle connection: once more on a new one
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            with self._lock:
+                if len(self._idle) < 8:
+                    self._idle.append(conn)
+                else:
+                    conn.close()
+            return resp.status, data
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+
+
 class EtcdWatch:
     """A watch stream on a prefix, read by a thread and handed over through a queue."""
 
@@ -77,17 +122,24 @@ class EtcdWatch:
                 "start_revision": start_revision,
             }
         }
+        self._conn = store.gateway.connect(timeout=5)
         try:
-            self._response = store.session.post(store.url("watch"), json=body, stream=True, timeout=(5, None))
-        except requests.RequestException as exc:
+            self._conn.request("POST", "/v3/watch", body=json.dumps(body).encode())
+            self._response = self._conn.getresponse()
+            if self._response.status != 200:
+                raise DatastoreError(f"etcd refused the watch: HTTP {self._response.status}")
+            self._conn.sock.settimeout(None)  # a quiet stream is not an error
+        except (OSError, http.client.HTTPException) as exc:
+            self._conn.close()
             raise DatastoreError(f"etcd at {store.endpoint} is unreachable: {exc}") from exc
         self._thread = threading.Thread(target=self._read, name=f"etcd-watch {prefix}", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         try:
-            for line in self._response.iter_lines(chunk_size=None):
-                if self._cancelled.is_set():
+            while not self._cancelled.is_set():
+                line = self._response.readline()
+                if not line:
                     break
                 if not line.strip():
                     continue
@@ -113,9 +165,7 @@ class EtcdWatch:
                 raise DatastoreError("etcd closed the watch stream")
         except BaseException as exc:
             if not self._cancelled.is_set():
-                self._queue.put(
-                    exc if isinstance(exc, DatastoreError) else DatastoreError(f"etcd watch: {exc}")
-                )
+                self._queue.put(exc if isinstance(exc, DatastoreError) else DatastoreError(f"etcd watch: {exc}"))
         finally:
             self._queue.put(None)
 
@@ -141,23 +191,15 @@ class EtcdWatch:
         return item
 
     def cancel(self) -> None:
-        """Stop the stream. Closing the response from here would wait for the reader thread's
-        lock, so shut the socket down first: the reader then sees end of stream and exits."""
+        """Stop the stream: shut the socket down so the reader sees the end and exits."""
         self._cancelled.set()
         try:
-            fileno = self._response.raw.fileno()
-            dup = socket.fromfd(fileno, socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                dup.shutdown(socket.SHUT_RDWR)
-            finally:
-                dup.close()
-        except (OSError, AttributeError, ValueError):
+            if self._conn.sock is not None:
+                self._conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
             pass
         self._thread.join(timeout=5)
-        try:
-            self._response.close()
-        except Exception:
-            pass
+        self._conn.close()
 
 
 class EtcdDatastore:
@@ -165,32 +207,21 @@ class EtcdDatastore:
 
     def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
         parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme != "http" or not parts.hostname:
             raise DatastoreError(
                 f"datastore URL {endpoint!r} is not an etcd URL such as http://127.0.0.1:2379"
             )
         self.endpoint = endpoint
-        self._client = Etcd3Client(
-            host=parts.hostname,
-            port=parts.port or 2379,
-            protocol=parts.scheme,
-            timeout=timeout,
-            api_path="/v3/",
-        )
-        self.session: requests.Session = self._client.session
-        self._timeout = timeout
-
-    def url(self, path: str) -> str:
-        return str(self._client.get_url(path))
-
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (Etcd3Exception, requests.RequestException) as exc:
-            raise DatastoreError(f"etcd at {self.endpoint} failed {what}: {exc}") from exc
+        self.gateway = _Gateway(parts.hostname, parts.port or 2379, timeout)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = self._call(path, self._client.post, self.url(path), json=body)
+        try:
+            status, data = self.gateway.post(path, body)
+        except (OSError, http.client.HTTPException) as exc:
+            raise DatastoreError(f"etcd at {self.endpoint} is unreachable: {exc}") from exc
+        if status != 200:
+            raise DatastoreError(f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}")
+        out: dict[str, Any] = json.loads(data)
         return out
 
     @staticmethod
@@ -220,7 +251,7 @@ class EtcdDatastore:
 
     def _txn(self, compare: _TxnRequests, success: _TxnRequests) -> bool:
         txn = {"compare": compare, "success": success, "failure": []}
-        return bool(self._call("a transaction", self._client.transaction, txn).get("succeeded", False))
+        return bool(self._post("kv/txn", txn).get("succeeded", False))
 
     @staticmethod
     def _put_op(key: str, value: bytes, lease: int) -> dict[str, Any]:
@@ -230,8 +261,8 @@ class EtcdDatastore:
         return {"request_put": put}
 
     def create(self, key: str, value: bytes, lease: int = 0) -> bool:
-        held = Lease(lease, self._client) if lease else None
-        return bool(self._call(f"to create {key}", self._client.create, key, value, lease=held))
+        compare = [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}]
+        return self._txn(compare, [self._put_op(key, value, lease)])
 
     def update(self, key: str, value: bytes, expected_revision: int, lease: int = 0) -> bool:
         compare = [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}]
@@ -303,19 +334,20 @@ class EtcdDatastore:
                 f"this one has {len(success)} and {len(compare)}: split the change"
             )
         txn = {"compare": compare, "success": success, "failure": []}
-        resp = self._call("a transaction", self._client.transaction, txn)
+        resp = self._post("kv/txn", txn)
         if not resp.get("succeeded", False):
             return None
         return int(resp["header"]["revision"])
 
     def grant_lease(self, ttl_seconds: int) -> int:
-        return int(self._call("to grant a lease", self._client.lease, ttl_seconds).id)
+        return int(self._post("lease/grant", {"TTL": ttl_seconds, "ID": 0})["ID"])
 
     def keepalive(self, lease: int) -> int:
-        return int(self._call("to keep a lease alive", Lease(lease, self._client).refresh))
+        """The remaining TTL, or -1 if the lease expired (etcd then answers without a TTL)."""
+        return int(self._post("lease/keepalive", {"ID": lease}).get("result", {}).get("TTL", -1))
 
     def revoke_lease(self, lease: int) -> None:
-        self._call("to revoke a lease", Lease(lease, self._client).revoke)
+        self._post("kv/lease/revoke", {"ID": lease})
 
     def healthy(self) -> bool:
         try:
@@ -325,7 +357,7 @@ class EtcdDatastore:
             return False
 
     def close(self) -> None:
-        self.session.close()
+        self.gateway.close()
 
 
 def connect(url: str) -> EtcdDatastore:

@@ -144,39 +144,42 @@ class NodeAllocator:
 
     # -- addresses ---------------------------------------------------------------------------
 
-    def _allocate_one(self, handle: str, family: int, attrs: dict[str, Any]) -> IPAddress:
+    def _allocate_one(self, handle: str, family: int, attrs: dict[str, Any], blocks: list[Block]) -> IPAddress:
+        """An address of one family from this node's blocks (`blocks` as last read; re-read on conflict)."""
         for _attempt in range(100):
-            blocks = [b for b in self.local_blocks() if b.family == family]
-            for block in sorted(blocks, key=lambda b: int(b.cidr.network_address)):
+            mine = sorted((b for b in blocks if b.family == family), key=lambda b: int(b.cidr.network_address))
+            for block in mine:
                 address = block.free_address()
                 if address is None:
                     continue
                 block.allocations[str(address)] = dict(attrs, handle=handle)
                 if self.datastore.update(block_key(self.prefix, block.cidr), block.to_json(), block.revision):
+                    block.revision = -1  # unknown now: a later use of this copy re-reads
                     return address
+                del block.allocations[str(address)]
                 break  # the block changed under us (invariant 2): read again
             else:
-                self.claim_block(family)
-        raise IpamError(
-            f"could not allocate an IPv{family} address for {handle}: the datastore kept changing"
-        )
+                blocks.append(self.claim_block(family))
+                continue
+            blocks[:] = self.local_blocks()
+        raise IpamError(f"could not allocate an IPv{family} address for {handle}: the datastore kept changing")
 
-    def allocate(
-        self, handle: str, families: list[int], attrs: dict[str, Any] | None = None
-    ) -> list[IPAddress]:
+    def allocate(self, handle: str, families: list[int], attrs: dict[str, Any] | None = None) -> list[IPAddress]:
         """One address per family for handle; all or nothing (invariant 3)."""
         with self._lock:
-            existing = self.allocations().get(handle)
+            blocks = self.local_blocks()
+            existing = [a for b in blocks for a, at in b.allocations.items() if at.get("handle") == handle]
             if existing:
                 # The same handle asks again (a retried ADD): give it what it has.
                 have = [ipaddress.ip_address(a) for a in existing]
                 if sorted(a.version for a in have) == sorted(families):
                     return sorted(have, key=lambda a: a.version)
                 self.release(handle)
+                blocks = self.local_blocks()
             given: list[IPAddress] = []
             try:
                 for family in families:
-                    given.append(self._allocate_one(handle, family, attrs or {}))
+                    given.append(self._allocate_one(handle, family, attrs or {}, blocks))
             except Exception:
                 self.release(handle)
                 raise

@@ -149,6 +149,15 @@ class ResourceStore:
             return None
         return self.get(kind, stored["metadata"]["name"], stored["metadata"].get("namespace"))
 
+    def put(self, obj: Obj, lease: int = 0) -> int:
+        """Write the object as it is, whatever is stored (one round trip); returns the revision.
+
+        For objects one writer owns, such as a node's registration and its pods' endpoints."""
+        kind = by_kind(obj["kind"])
+        assert kind is not None, obj["kind"]
+        meta = obj["metadata"]
+        return self.datastore.put(self.key(kind, meta["name"], meta.get("namespace")), _encode(self._complete(obj)), lease=lease)
+
     def update(self, obj: Obj, lease: int = 0) -> Obj:
         """Replace the object; compare-and-swap on metadata.resourceVersion when it is set."""
         kind = by_kind(obj["kind"])

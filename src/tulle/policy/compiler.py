@@ -8,7 +8,7 @@ of the pods it selects, a CidrPeer for its cidr minus its excepts (in its own fa
 address's *signature* is the set of predicates that hold for it, plus, for a pod, how it
 resolves the named ports that egress rules mention (an egress rule to port "http" allows
 different numbers towards pods that define "http" differently). Each distinct signature gets a
-32-bit id, its atom; atom 0 is the empty signature (no predicate holds, no named port). The
+31-bit id, its atom; atom 0 is the empty signature (no predicate holds, no named port). The
 address space of each family is cut into disjoint intervals, each with one atom, covering the
 whole space. A rule then allows a set of atoms (or every address of a family, `None`), and the
 datapath asks "is the peer's atom in the rule's set", whatever the number of pods behind it.
@@ -50,7 +50,7 @@ DIRECTIONS = (INGRESS, EGRESS)
 FAMILIES = (4, 6)
 LAST_ADDRESS = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
 PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
-MAX_ATOM = (1 << 32) - 1
+MAX_ATOM = (1 << 31) - 1  # the datapath carries 2 * atom in the 32-bit ct mark
 
 Resolution = frozenset[tuple[str, int, int]]  # named ports: (name, protocol, number)
 Signature = tuple[frozenset[Peer], Resolution]
@@ -321,7 +321,7 @@ def _assign_atoms(
             while free in used:
                 free += 1
             if free > MAX_ATOM:
-                raise CompileError("more than 2**32 distinct peer signatures")
+                raise CompileError("more than 2**31 distinct peer signatures")
             chosen = free
         assigned[sig] = chosen
         used.add(chosen)

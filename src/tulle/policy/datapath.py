@@ -10,7 +10,10 @@ of the cluster, and an update is a handful of element adds and deletes.
         ip6 saddr vmap @egress_endpoints_v6
         ip daddr vmap @ingress_endpoints_v4         isolated local destination -> ingress_isolated_v4
         ip6 daddr vmap @ingress_endpoints_v6
-    input (filter hook, priority 0): the same, egress only (pod -> node traffic)
+    input (filter hook, priority 0):
+        ct state established,related accept
+        icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept
+        the egress vmaps, as in forward (egress policy covers pod -> node traffic)
 
     ingress_isolated_v4:
         ip daddr @ingress_open_v4 accept                                    a rule opens all
@@ -23,6 +26,17 @@ of the cluster, and an update is a handful of element adds and deletes.
     egress_isolated_v4: the same with saddr and daddr swapped, and `return` instead of
         `accept`, so that a packet allowed out of its source still meets the ingress check of
         its destination on this node. Likewise for v6.
+
+The ct mark carries the peer's atom between the rule that looks it up and the rules that use
+it; `mark(atom) = 2 * atom`, and an element of a peer_ports set holds the mark range
+[2a, 2a+1]: nft 1.0.6 (Debian 12) cannot delete an element of a concatenated interval set when
+every component is a single value and one of them is a host-byte-order type such as mark
+("Could not process rule: No such file or directory"); with one real range in the element it
+can. No packet ever carries an odd mark, so the range matches exactly the atom.
+
+Neighbour discovery from a pod to its node is link-local plumbing, not pod traffic: it is
+accepted before egress policy, or an egress-isolated pod could not answer its node's
+neighbour solicitations for its own address.
 
 Traffic from the node itself to its pods leaves through the output hook and never meets the
 forward chain: Kubernetes allows it whatever the policies say.
@@ -39,6 +53,15 @@ from tulle.policy.compiler import DIRECTIONS, EGRESS, FAMILIES, INGRESS, PodPoli
 from tulle.policy.verdict import port_ranges
 
 ALL_PORTS = (0, 65535)
+
+
+def mark(atom: int) -> int:
+    """The ct mark value that stands for an atom in the datapath (see the module docstring)."""
+    return atom << 1
+
+
+def _mark_range(atom: int) -> tuple[int, int]:
+    return (atom << 1, (atom << 1) | 1)
 
 
 def _v(family: int) -> str:
@@ -70,6 +93,13 @@ _L4PROTO = {"meta": {"key": "l4proto"}}
 _DPORT = {"payload": {"protocol": "th", "field": "dport"}}
 _CT_MARK = {"ct": {"key": "mark"}}
 _ESTABLISHED = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}
+_NEIGHBOUR_DISCOVERY = {
+    "match": {
+        "op": "==",
+        "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
+        "right": {"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]},
+    }
+}
 
 
 def _in_set(left: Any, name: str) -> dict[str, Any]:
@@ -115,7 +145,9 @@ def policy_chains() -> dict[str, NftChain]:
             ("filter", "forward", 0, "accept"),
         ),
         "input": NftChain(
-            "input", ((_ESTABLISHED, {"accept": None}), *egress), ("filter", "input", 0, "accept")
+            "input",
+            ((_ESTABLISHED, {"accept": None}), (_NEIGHBOUR_DISCOVERY, {"accept": None}), *egress),
+            ("filter", "input", 0, "accept"),
         ),
     }
     for direction in DIRECTIONS:
@@ -246,7 +278,7 @@ def policy_table(model: PolicyModel, local_ips: Iterable[str]) -> NftTable:
     >>> from tulle.policy.compiler import compile_policies
     >>> from tulle.policy.inputs import PolicyInputs
     >>> policy_table(compile_policies(PolicyInputs()), []).rule_count()
-    36
+    37
     """
     elements: dict[str, set[Any]] = {}
 
@@ -256,7 +288,7 @@ def policy_table(model: PolicyModel, local_ips: Iterable[str]) -> NftTable:
     counters: set[str] = set()
     for family in FAMILIES:
         for first, last, atom in model.atom_table(family).intervals():
-            add(f"atoms_{_v(family)}", (((first, last),), atom))
+            add(f"atoms_{_v(family)}", (((first, last),), mark(atom)))
     named_atoms = {f: _named_port_atoms(model, f) for f in FAMILIES}
     for address, family, pod in _local_endpoints(model, local_ips):
         v, key = _v(family), int(ipaddress.ip_address(address))
@@ -275,12 +307,14 @@ def policy_table(model: PolicyModel, local_ips: Iterable[str]) -> NftTable:
                 for lo, hi in merge_ranges(ranges):
                     add(f"{d}_anyone_{v}", ((key, key), (protocol, protocol), (lo, hi)))
             for atom in allowed.peer_all:
-                add(f"{d}_peer_all_{v}", (key, atom))
+                add(f"{d}_peer_all_{v}", (key, mark(atom)))
             for (atom, protocol), ranges in allowed.peer_ports.items():
                 if atom in allowed.peer_all:
                     continue
                 for lo, hi in merge_ranges(ranges):
-                    add(f"{d}_peer_ports_{v}", ((key, key), (atom, atom), (protocol, protocol), (lo, hi)))
+                    add(
+                        f"{d}_peer_ports_{v}", ((key, key), _mark_range(atom), (protocol, protocol), (lo, hi))
+                    )
     sets: dict[str, NftSet] = {}
     for family in FAMILIES:
         for name, s in _sets(family).items():

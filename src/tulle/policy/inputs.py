@@ -188,55 +188,77 @@ def _protocol(value: Any, where: str) -> int:
     return PROTOCOLS[value.upper()]
 
 
-def _named_ports(spec: Mapping[str, Any], where: str) -> tuple[NamedPort, ...]:
-    out: list[NamedPort] = []
+def _named_ports(spec: Mapping[str, Any], where: str, warnings: list[str]) -> tuple[NamedPort, ...]:
+    """The pod's named container ports; a malformed one is skipped (the pod keeps its labels)."""
+    out: set[NamedPort] = set()
     containers = spec.get("containers") or []
     if not isinstance(containers, list):
-        raise Malformed(f"{where}: spec.containers must be a list")
+        warnings.append(f"{where}: spec.containers must be a list; the pod has no named ports")
+        return ()
     for c, container in enumerate(containers):
         ports = (container.get("ports") or []) if isinstance(container, dict) else None
         if not isinstance(ports, list):
-            raise Malformed(f"{where}: spec.containers[{c}].ports must be a list")
+            warnings.append(f"{where}: spec.containers[{c}].ports must be a list; skipped")
+            continue
         for p, port in enumerate(ports):
             at = f"{where}: spec.containers[{c}].ports[{p}]"
-            if not isinstance(port, dict):
-                raise Malformed(f"{at} must be an object")
-            name = port.get("name")
-            if not name:
+            if not isinstance(port, dict) or not port.get("name"):
                 continue
-            number = port.get("containerPort")
-            if not isinstance(name, str) or not isinstance(number, int) or not 0 < number < 65536:
-                raise Malformed(f"{at}: needs a string name and a containerPort from 1 to 65535")
-            out.append(NamedPort(name, _protocol(port.get("protocol"), at), number))
-    return tuple(sorted(set(out), key=lambda n: (n.name, n.protocol, n.port)))
+            name, number = port["name"], port.get("containerPort")
+            try:
+                if not isinstance(name, str) or not isinstance(number, int) or not 0 < number < 65536:
+                    raise Malformed(f"{at}: needs a string name and a containerPort from 1 to 65535")
+                out.add(NamedPort(name, _protocol(port.get("protocol"), at), number))
+            except Malformed as exc:
+                warnings.append(f"{exc}; this port is skipped")
+    return tuple(sorted(out, key=lambda n: (n.name, n.protocol, n.port)))
 
 
-def _status_addresses(obj: Mapping[str, Any], where: str) -> list[str]:
+def _addresses(values: Iterable[Any], where: str, warnings: list[str]) -> list[str]:
+    out = []
+    for value in values:
+        try:
+            out.append(_address(value, where))
+        except Malformed as exc:
+            warnings.append(f"{exc}; this address is skipped")
+    return out
+
+
+def _status_addresses(obj: Mapping[str, Any], where: str, warnings: list[str]) -> list[str]:
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     if not isinstance(status, dict) or not isinstance(spec, dict):
         return []
     if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
         return []
-    found = [entry.get("ip") for entry in status.get("podIPs") or [] if isinstance(entry, dict)]
+    entries = status.get("podIPs") or []
+    found = [e.get("ip") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     if not found and status.get("podIP"):
         found = [status["podIP"]]
-    return [_address(a, f"{where}: status.podIPs") for a in found]
+    return _addresses(found, f"{where}: status.podIPs", warnings)
 
 
-def parse_pod(obj: Any) -> tuple[Pod, list[str]]:
+def parse_pod(obj: Any, warnings: list[str]) -> tuple[Pod, list[str]]:
     """The pod (without its endpoints' addresses) and the addresses from its status."""
     namespace, name, meta = _meta(obj, "Pod", namespaced=True)
     where = f"Pod {namespace}/{name}"
     spec = obj.get("spec") or {}
     if not isinstance(spec, dict):
         raise Malformed(f"{where}: spec must be an object")
-    node = spec.get("nodeName") or ""
-    pod = Pod(namespace, name, _labels(meta, where), (), _named_ports(spec, where), str(node) if node else "")
-    return pod, _status_addresses(obj, where)
+    node = spec.get("nodeName")
+    labels = _labels(meta, where)
+    pod = Pod(
+        namespace,
+        name,
+        labels,
+        (),
+        _named_ports(spec, where, warnings),
+        node if isinstance(node, str) else "",
+    )
+    return pod, _status_addresses(obj, where, warnings)
 
 
-def parse_endpoint(obj: Any) -> tuple[str, str, str, list[str]]:
+def parse_endpoint(obj: Any, warnings: list[str]) -> tuple[str, str, str, list[str]]:
     """(namespace, pod, node, addresses) of a WorkloadEndpoint."""
     namespace, name, _ = _meta(obj, "WorkloadEndpoint", namespaced=True)
     where = f"WorkloadEndpoint {namespace}/{name}"
@@ -247,7 +269,12 @@ def parse_endpoint(obj: Any) -> tuple[str, str, str, list[str]]:
     if not isinstance(ips, list):
         raise Malformed(f"{where}: spec.ips must be a list")
     node = spec.get("node")
-    return namespace, spec["pod"], node if isinstance(node, str) else "", [_address(a, where) for a in ips]
+    return (
+        namespace,
+        spec["pod"],
+        node if isinstance(node, str) else "",
+        _addresses(ips, f"{where}: spec.ips", warnings),
+    )
 
 
 def _selector(value: Any, where: str) -> LabelSelector:
@@ -391,7 +418,7 @@ def inputs_from_objects(
     addresses: dict[tuple[str, str], list[str]] = {}
     for obj in pods:
         try:
-            pod, status_ips = parse_pod(obj)
+            pod, status_ips = parse_pod(obj, warnings)
         except Malformed as exc:
             warnings.append(f"{exc}; skipped")
             continue
@@ -400,7 +427,7 @@ def inputs_from_objects(
     nodes: dict[tuple[str, str], str] = {}
     for obj in endpoints:
         try:
-            namespace, pod_name, node, ips = parse_endpoint(obj)
+            namespace, pod_name, node, ips = parse_endpoint(obj, warnings)
         except Malformed as exc:
             warnings.append(f"{exc}; skipped")
             continue
