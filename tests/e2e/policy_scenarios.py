@@ -58,6 +58,7 @@ import re
 import textwrap
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -331,17 +332,29 @@ def run_scenario(
     retry_seconds: float = RETRY_SECONDS,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    parallel: bool = False,
 ) -> None:
-    """Play the scenario on the cluster in one family; raise AssertionError on the first wrong matrix."""
+    """Play the scenario on the cluster in one family; raise AssertionError on the first wrong matrix.
+
+    With parallel=True, consecutive Expect steps (nothing changes between them) are probed at
+    the same time: a matrix with blocked cells costs one probe timeout, so this divides the
+    time of a scenario with several expectations by their number."""
     if family not in scenario.families:
         only = " and ".join(f"IPv{f}" for f in scenario.families)
         raise ValueError(f"scenario {scenario.name!r} is for {only} only, not IPv{family}")
     wait = _Settle(cluster, family, settle_seconds, retry_seconds, clock, sleep)
     cluster.reset()
-    for port, protocol in PROBES:
-        wait.until(port, protocol, ALL_REACHABLE, f"{scenario.name} (IPv{family}), after reset")
+    _check_all(
+        wait,
+        [(port, protocol, ALL_REACHABLE, f"{scenario.name} (IPv{family}), after reset") for port, protocol in PROBES],
+        parallel,
+    )
     addresses: dict[str, str] | None = None
+    pending: list[tuple[int, str, str, str]] = []
     for number, step in enumerate(scenario.steps, 1):
+        if not isinstance(step, Expect) and pending:
+            _check_all(wait, pending, parallel)
+            pending = []
         if isinstance(step, Apply):
             if addresses is None and _PLACEHOLDER.search(step.yaml):
                 addresses = {pod: cluster.address(pod, family) for pod in PODS}
@@ -354,7 +367,20 @@ def run_scenario(
             cluster.label(step.kind, step.name, step.namespace, dict(step.labels))
         else:
             context = f"{scenario.name} (IPv{family}), step {number}: {step.protocol}/{step.port}"
-            wait.until(step.port, step.protocol, step.matrix, context)
+            pending.append((step.port, step.protocol, step.matrix, context))
+    _check_all(wait, pending, parallel)
+
+
+def _check_all(wait: _Settle, checks: list[tuple[int, str, str, str]], parallel: bool) -> None:
+    """wait.until for each check, in order or all at once; the first failure (in order) is raised."""
+    if not parallel or len(checks) < 2:
+        for check in checks:
+            wait.until(*check)
+        return
+    with ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="expect") as pool:
+        futures = [pool.submit(wait.until, *check) for check in checks]
+        for future in futures:
+            future.result()
 
 
 @dataclass(frozen=True)

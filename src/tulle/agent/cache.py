@@ -56,7 +56,7 @@ class Snapshot:
 
 
 class ClusterCache:
-    def __init__(self, datastore: EtcdDatastore, prefix: str, on_change: Callable[[], None]) -> None:
+    def __init__(self, datastore: EtcdDatastore, prefix: str, on_change: Callable[[], object]) -> None:
         self.datastore = datastore
         self.prefix = prefix.rstrip("/") + "/"
         self._on_change = on_change

@@ -186,11 +186,13 @@ class Agent:
         self._policy_digest = ""
         self._policy_model: Any = None
         self._pending_cut: tuple[Any, list[str]] | None = None
+        self._cut_wanted: tuple[Any, list[str]] | None = None
         self._ipam_errors: list[str] = []
         self._server: _ApiServer | None = None
         self._nft_lock = threading.Lock()
         self._policy_pass_started = 0.0
         self._applied_routing: Any = None
+        self._policy_warnings: list[Any] = []
         self._policy_addresses: dict[str, str] = {}
 
     # -- start-up ---------------------------------------------------------------------------
@@ -377,6 +379,7 @@ class Agent:
         self.cache.wait_synced(30)
         self.reconcile(full=True)
         threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
+        threading.Thread(target=self._cut_loop, name="conntrack", daemon=True).start()
         self._serve()
 
     def _serve(self) -> None:
@@ -617,6 +620,11 @@ class Agent:
         )
         inputs = inputs_from_objects(*objects)
         model = compile_policies(inputs, self._policy_model)
+        warnings = list(model.warnings)
+        if warnings != self._policy_warnings:
+            for warning in warnings:
+                log.warning("ignoring part of a resource", extra={"reason": str(warning)})
+            self._policy_warnings = warnings
         local = self.local_ips()
         table = policy_table(model, local)
         # Connections can only become denied when policies, labels or named ports change, or
@@ -655,15 +663,31 @@ class Agent:
         return out
 
     def cut_denied(self) -> None:
-        pending = self._pending_cut
-        if pending is None:
-            return
-        self._pending_cut = None
+        """Hand the latest policy change to the cutter thread (the newest model wins)."""
+        with self._wake:
+            if self._pending_cut is not None:
+                self._cut_wanted = self._pending_cut
+                self._pending_cut = None
+                self._wake.notify_all()
+
+    def _cut_loop(self) -> None:
+        """Cut established connections a policy change denies, after the new rules are in place,
+        in a thread of its own: a table of thousands of entries never delays enforcement."""
         from tulle.dataplane.conntrack import cut_denied_connections
 
-        cut = cut_denied_connections(*pending)
-        if cut:
-            log.info("cut connections a policy change denies", extra={"count": cut})
+        while not self._stop.is_set():
+            with self._wake:
+                while self._cut_wanted is None and not self._stop.is_set():
+                    self._wake.wait(1.0)
+                wanted, self._cut_wanted = self._cut_wanted, None
+            if wanted is None:
+                continue
+            try:
+                cut = cut_denied_connections(*wanted)
+                if cut:
+                    log.info("cut connections a policy change denies", extra={"count": cut})
+            except Exception as exc:
+                log.error("cannot cut denied connections", extra={"error": str(exc)})
 
     def _collect_gone_nodes(self, snap: Snapshot, registered: set[str]) -> None:
         """Free the blocks (and endpoints) of nodes that have been gone for the grace period."""

@@ -13,10 +13,12 @@ original source (SNAT happens after filtering), destination and port = the reply
 judged: ingress if the destination is a local endpoint (unless the source is the node itself:
 Kubernetes allows a node's traffic to its pods), egress if the source is one.
 
-Kernel access is pyroute2's ctnetlink socket, not the `conntrack` tool: it lists and deletes
-without a process per entry. Two of its gaps are worked around here: `dump_entries` lists only
-IPv4 (the family is fixed per socket, so one socket per family), and its entry parser drops
-SCTP ports (the raw CTA_TUPLE attributes are read instead).
+Listing uses the `conntrack` tool (conntrack-tools): it dumps ~2000 entries in ~20 ms, where
+pyroute2's pure-Python decoder needs ~0.4 ms an entry, and a node's table easily holds
+thousands. Deleting uses pyroute2's ctnetlink socket: one socket for all deletions, no process
+per entry (~0.4 ms each). Entries of TCP connections that are over (TIME_WAIT, CLOSE) are not
+cut: they carry nothing. The agent runs the cut in its own thread, after the new rules are in
+place, so a large table never delays enforcement for new connections.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -100,52 +103,81 @@ def connections_to_cut(
 # -- kernel --------------------------------------------------------------------------------------
 
 
-def _tuple(
-    family: int, raw: Any
-) -> tuple[str, str, int, int | None, int | None, tuple[int, int, int] | None]:
-    ip = raw.get_attr("CTA_TUPLE_IP")
-    proto = raw.get_attr("CTA_TUPLE_PROTO")
-    prefix = "CTA_IP_V4_" if family == 4 else "CTA_IP_V6_"
-    number = int(proto.get_attr("CTA_PROTO_NUM"))
-    icmp = None
-    if number in ICMP_PROTOCOLS:
-        p = "CTA_PROTO_ICMP_" if number == 1 else "CTA_PROTO_ICMPV6_"
-        icmp = (
-            proto.get_attr(p + "ID") or 0,
-            proto.get_attr(p + "TYPE") or 0,
-            proto.get_attr(p + "CODE") or 0,
-        )
-    return (
-        str(ip.get_attr(prefix + "SRC")),
-        str(ip.get_attr(prefix + "DST")),
-        number,
-        proto.get_attr("CTA_PROTO_SRC_PORT"),
-        proto.get_attr("CTA_PROTO_DST_PORT"),
-        icmp,
-    )
-
-
 def _nfgen_family(family: int) -> int:
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
-def list_connections() -> list[Connection]:
-    """Every conntrack entry of the current network namespace, IPv4 and IPv6."""
-    from pyroute2 import Conntrack
+_FINISHED_TCP = {"TIME_WAIT", "CLOSE"}
 
+
+def parse_conntrack_line(line: str) -> Connection | None:
+    """One line of `conntrack -L -o extended`, or None for a line that is not an entry we judge.
+
+    >>> parse_conntrack_line("ipv4 2 tcp 6 431999 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 "
+    ...     "dport=80 src=10.0.0.2 dst=10.0.0.1 sport=80 dport=40000 [ASSURED] mark=0 use=1").flow
+    ('10.0.0.1', '10.0.0.2', 6, 80)
+    """
+    words = line.split()
+    if len(words) < 6 or words[0] not in ("ipv4", "ipv6"):
+        return None
+    family = 4 if words[0] == "ipv4" else 6
+    try:
+        protocol = int(words[3])
+    except ValueError:
+        return None
+    if protocol == 6 and words[5] in _FINISHED_TCP:
+        return None
+    tuples: list[dict[str, str]] = []
+    zone = 0
+    for word in words[5:]:
+        key, sep, value = word.partition("=")
+        if not sep:
+            continue
+        if key == "src":
+            tuples.append({})
+        if key == "zone":
+            zone = int(value)
+        elif tuples and key in ("src", "dst", "sport", "dport", "type", "code", "id"):
+            tuples[-1].setdefault(key, value)
+    if len(tuples) < 2:
+        return None
+    orig, reply = tuples[0], tuples[1]
+
+    def port(t: dict[str, str], key: str) -> int | None:
+        return int(t[key]) if key in t else None
+
+    icmp = None
+    if protocol in ICMP_PROTOCOLS:
+        icmp = (int(orig.get("id", 0)), int(orig.get("type", 0)), int(orig.get("code", 0)))
+    return Connection(
+        family,
+        protocol,
+        orig["src"],
+        orig["dst"],
+        port(orig, "sport"),
+        port(orig, "dport"),
+        reply["src"],
+        reply["dst"],
+        port(reply, "sport"),
+        port(reply, "dport"),
+        icmp,
+        zone,
+    )
+
+
+def list_connections() -> list[Connection]:
+    """The conntrack entries of the current network namespace that carry traffic, IPv4 and IPv6."""
     out: list[Connection] = []
-    for family in (4, 6):
-        with Conntrack(nfgen_family=_nfgen_family(family)) as ct:
-            for msg in ct.dump():
-                try:
-                    src, dst, proto, sport, dport, icmp = _tuple(family, msg.get_attr("CTA_TUPLE_ORIG"))
-                    rsrc, rdst, _, rsport, rdport, _ = _tuple(family, msg.get_attr("CTA_TUPLE_REPLY"))
-                except (AttributeError, TypeError, ValueError):
-                    continue  # an entry this parser does not understand is left alone
-                zone = msg.get_attr("CTA_ZONE") or 0
-                out.append(
-                    Connection(family, proto, src, dst, sport, dport, rsrc, rdst, rsport, rdport, icmp, zone)
-                )
+    for family in ("ipv4", "ipv6"):
+        proc = subprocess.run(
+            ["conntrack", "-L", "-f", family, "-o", "extended"], capture_output=True, text=True, timeout=60
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"conntrack -L failed: {proc.stderr.strip()}")
+        for line in proc.stdout.splitlines():
+            conn = parse_conntrack_line(line)
+            if conn is not None:
+                out.append(conn)
     return out
 
 

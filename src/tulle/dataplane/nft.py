@@ -161,7 +161,9 @@ def _render_scalar(type_name: str, value: Scalar) -> Any:
 def _render_component(s: NftSet, type_name: str, value: Component) -> Any:
     if isinstance(value, tuple):
         lo, hi = value
-        if lo == hi:
+        # nft 1.0.6 cannot delete an element of a concatenated interval set whose parts are all
+        # single values when one is a mark ("No such file or directory"); a one-value range works.
+        if lo == hi and not (s.interval and len(s.type) > 1):
             return _render_scalar(type_name, lo)
         return {"range": [_render_scalar(type_name, lo), _render_scalar(type_name, hi)]}
     return _render_scalar(type_name, value)
@@ -222,7 +224,7 @@ def _chain_object(c: NftChain) -> dict[str, Any]:
 @dataclass
 class ActualTable:
     exists: bool = False
-    chains: dict[str, tuple[tuple[str, int, int, str] | None, list[str]]] = field(default_factory=dict)
+    chains: dict[str, tuple[tuple[str, str, int, str] | None, list[str]]] = field(default_factory=dict)
     sets: dict[str, NftSet] = field(default_factory=dict)
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (packets, bytes)
 
@@ -302,9 +304,9 @@ class NftReconciler:
             if n in actual.sets and actual.sets[n].definition() != s.definition()
         }
         rewrite: list[str] = []  # chains whose rules are sent again
-        for name, want in sorted(desired.chains.items()):
+        for name, chain in sorted(desired.chains.items()):
             have = actual.chains.get(name)
-            if have is None or have[0] != want.hook or have[1] != [rule_id(r) for r in want.rules] or rebuilt:
+            if have is None or have[0] != chain.hook or have[1] != [rule_id(r) for r in chain.rules] or rebuilt:
                 rewrite.append(name)
         recreate_chains = {
             n for n in rewrite if n in actual.chains and actual.chains[n][0] != desired.chains[n].hook

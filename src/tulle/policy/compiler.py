@@ -50,7 +50,7 @@ DIRECTIONS = (INGRESS, EGRESS)
 FAMILIES = (4, 6)
 LAST_ADDRESS = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
 PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
-MAX_ATOM = (1 << 31) - 1  # the datapath carries 2 * atom in the 32-bit ct mark
+MAX_ATOM = (1 << 32) - 1  # the datapath carries the atom in the 32-bit ct mark
 
 Resolution = frozenset[tuple[str, int, int]]  # named ports: (name, protocol, number)
 Signature = tuple[frozenset[Peer], Resolution]

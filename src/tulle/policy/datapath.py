@@ -28,11 +28,10 @@ of the cluster, and an update is a handful of element adds and deletes.
         its destination on this node. Likewise for v6.
 
 The ct mark carries the peer's atom between the rule that looks it up and the rules that use
-it; `mark(atom) = 2 * atom`, and an element of a peer_ports set holds the mark range
-[2a, 2a+1]: nft 1.0.6 (Debian 12) cannot delete an element of a concatenated interval set when
-every component is a single value and one of them is a host-byte-order type such as mark
-("Could not process rule: No such file or directory"); with one real range in the element it
-can. No packet ever carries an odd mark, so the range matches exactly the atom.
+it (`mark(atom) = atom`). nft 1.0.6 (Debian 12) cannot delete an element of a concatenated
+interval set when every component is a single value and one of them is a host-byte-order type
+such as mark; the reconciler (dataplane/nft.py) therefore writes single values in such sets as
+one-value ranges, which it can delete.
 
 Neighbour discovery from a pod to its node is link-local plumbing, not pod traffic: it is
 accepted before egress policy, or an egress-isolated pod could not answer its node's
@@ -56,12 +55,12 @@ ALL_PORTS = (0, 65535)
 
 
 def mark(atom: int) -> int:
-    """The ct mark value that stands for an atom in the datapath (see the module docstring)."""
-    return atom << 1
+    """The ct mark value that stands for an atom in the datapath."""
+    return atom
 
 
 def _mark_range(atom: int) -> tuple[int, int]:
-    return (atom << 1, (atom << 1) | 1)
+    return (atom, atom)
 
 
 def _v(family: int) -> str:
