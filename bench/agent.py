@@ -30,7 +30,9 @@ def rss_mb(pid: int) -> float:
 def _routes_211(netns: str) -> set[str]:
     import subprocess
 
-    out = subprocess.run(["ip", "-n", netns, "-j", "route", "show", "proto", "211"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", netns, "-j", "route", "show", "proto", "211"], capture_output=True, text=True
+    ).stdout
     return {r["dst"] for r in json.loads(out or "[]") if r.get("type") != "blackhole"}
 
 
@@ -50,7 +52,13 @@ def main() -> None:
         pid = load(lab.name)["nodes"]["node1"]["pid"]
         idle = rss_mb(pid)
         for i in range(PODS):
-            lab.add_pod("node1", "bench", f"p{i}", {"app": f"a{i % 10}"}, [{"name": "http", "containerPort": 80, "protocol": "TCP"}])
+            lab.add_pod(
+                "node1",
+                "bench",
+                f"p{i}",
+                {"app": f"a{i % 10}"},
+                [{"name": "http", "containerPort": 80, "protocol": "TCP"}],
+            )
         time.sleep(2)
         busy = rss_mb(pid)
         joins = []
@@ -76,8 +84,11 @@ def main() -> None:
             [
                 ["agent RSS, no pods (baseline)", f"{idle:.1f} MB", ""],
                 [f"agent RSS, {PODS} pods", f"{busy:.1f} MB", f"<= 60 MB ({verdict(busy, 60, False)})"],
-                ["node join reaches every other node", f"{median(joins) * 1000:.0f} ms median, {max(joins) * 1000:.0f} ms max",
-                 f"<= 2000 ms ({verdict(max(joins), 2.0, False)})"],
+                [
+                    "node join reaches every other node",
+                    f"{median(joins) * 1000:.0f} ms median, {max(joins) * 1000:.0f} ms max",
+                    f"<= 2000 ms ({verdict(max(joins), 2.0, False)})",
+                ],
             ],
         )
     finally:

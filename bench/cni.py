@@ -36,12 +36,28 @@ def _config(lab: Lab) -> dict[str, object]:
 def _add_del(lab: Lab, host_netns: str, netns: str) -> tuple[float, float]:
     cid = uuid.uuid4().hex
     conf = _config(lab)
-    add = exec_plugin("tulle", "ADD", conf, cni_path=CNI_PATH, container_id=cid, netns=netns, ifname="eth0", host_netns=host_netns)
+    add = exec_plugin(
+        "tulle",
+        "ADD",
+        conf,
+        cni_path=CNI_PATH,
+        container_id=cid,
+        netns=netns,
+        ifname="eth0",
+        host_netns=host_netns,
+    )
     if add.status != 0:
         raise RuntimeError(add.stdout.decode())
     result = json.loads(add.stdout)
     delete = exec_plugin(
-        "tulle", "DEL", dict(conf, prevResult=result), cni_path=CNI_PATH, container_id=cid, netns=netns, ifname="eth0", host_netns=host_netns
+        "tulle",
+        "DEL",
+        dict(conf, prevResult=result),
+        cni_path=CNI_PATH,
+        container_id=cid,
+        netns=netns,
+        ifname="eth0",
+        host_netns=host_netns,
     )
     return add.seconds * 1000, delete.seconds * 1000
 
@@ -80,19 +96,54 @@ def main() -> None:
             for network in ("none", "tulle"):
                 name = f"b{network}{i}"
                 started = time.perf_counter()
-                podman.run("run", "-d", "--name", name, "--network", network, "--rootfs", rootfs, "/bin/sleep", "1000")
+                podman.run(
+                    "run",
+                    "-d",
+                    "--name",
+                    name,
+                    "--network",
+                    network,
+                    "--rootfs",
+                    rootfs,
+                    "/bin/sleep",
+                    "1000",
+                )
                 timings[network].append((time.perf_counter() - started) * 1000)
                 podman.remove(name)
         add_times = [a for a, _ in alone]
         del_times = [d for _, d in alone]
         rows = [
-            ["plugin ADD, alone", f"{median(add_times):.1f}", f"{percentile(add_times, 90):.1f}", f"<= 60 ({verdict(median(add_times), 60, False)})"],
+            [
+                "plugin ADD, alone",
+                f"{median(add_times):.1f}",
+                f"{percentile(add_times, 90):.1f}",
+                f"<= 60 ({verdict(median(add_times), 60, False)})",
+            ],
             ["plugin DEL, alone", f"{median(del_times):.1f}", f"{percentile(del_times, 90):.1f}", ""],
-            [f"plugin ADD, {PARALLEL} in parallel", f"{median(parallel):.1f}", f"{max(parallel):.1f} (max)", ""],
-            ["podman run --network none (baseline)", f"{median(timings['none']):.1f}", f"{percentile(timings['none'], 90):.1f}", ""],
-            ["podman run --network tulle", f"{median(timings['tulle']):.1f}", f"{percentile(timings['tulle'], 90):.1f}",
-             f"ratio {median(timings['tulle']) / median(timings['none']):.2f}, +{median(timings['tulle']) - median(timings['none']):.0f} ms"],
+            [
+                f"plugin ADD, {PARALLEL} in parallel",
+                f"{median(parallel):.1f}",
+                f"{max(parallel):.1f} (max)",
+                "",
+            ],
+            [
+                "podman run --network none (baseline)",
+                f"{median(timings['none']):.1f}",
+                f"{percentile(timings['none'], 90):.1f}",
+                "",
+            ],
+            [
+                "podman run --network tulle",
+                f"{median(timings['tulle']):.1f}",
+                f"{percentile(timings['tulle'], 90):.1f}",
+                f"ratio {median(timings['tulle']) / median(timings['none']):.2f}, "
+                f"+{median(timings['tulle']) - median(timings['none']):.0f} ms",
+            ],
         ]
-        table("CNI ADD latency in ms (the plugin's time includes the agent's work; nsenter adds ~1 ms)", ["what", "median", "p90", "target"], rows)
+        table(
+            "CNI ADD latency in ms (the plugin's time includes the agent's work; nsenter adds ~1 ms)",
+            ["what", "median", "p90", "target"],
+            rows,
+        )
     finally:
         lab.down()

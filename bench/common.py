@@ -60,7 +60,10 @@ class Latency:
 def sockperf_rr(client_ns: str, server_ns: str, address: str, seconds: int = 5) -> Latency:
     """TCP request/response round trip (µs) with 1-byte messages, on one connection."""
     with background(server_ns, ["sockperf", "server", "-i", address, "-p", "11111", "--tcp"]):
-        out = run(client_ns, ["sockperf", "ping-pong", "-i", address, "-p", "11111", "--tcp", "-t", str(seconds), "-m", "14"])
+        out = run(
+            client_ns,
+            ["sockperf", "ping-pong", "-i", address, "-p", "11111", "--tcp", "-t", str(seconds), "-m", "14"],
+        )
     found = {float(p): float(v) for p, v in _PERCENTILE.findall(out)}
     return Latency(p50=found[50.0], p99=found[99.0])
 

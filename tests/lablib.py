@@ -61,8 +61,16 @@ def node_netns(lab: Lab, node: str) -> str:
     return f"/run/netns/{lab.names.node(node)}"
 
 
-def run_in(netns_path: str, argv: list[str], timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nsenter", f"--net={netns_path}", *argv], capture_output=True, text=True, timeout=timeout, check=check)
+def run_in(
+    netns_path: str, argv: list[str], timeout: float = 30, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nsenter", f"--net={netns_path}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
 
 
 def ping(netns_path: str, address: str, count: int = 3, size: int | None = None, dont_fragment: bool = False) -> bool:
@@ -237,18 +245,19 @@ def kernel_state(netns_path: str) -> dict[str, Any]:
     """What must not change for running pods when the agent restarts."""
     links = json.loads(run_in(netns_path, ["ip", "-j", "link", "show"], check=True).stdout)
     addrs = json.loads(run_in(netns_path, ["ip", "-j", "addr", "show"], check=True).stdout)
-    rules = [
-        (r["rule"]["chain"], r["rule"]["handle"])
-        for r in nft_ruleset(netns_path)["nftables"]
-        if "rule" in r
-    ]
+    rules = [(r["rule"]["chain"], r["rule"]["handle"]) for r in nft_ruleset(netns_path)["nftables"] if "rule" in r]
     return {
         "links": sorted((link["ifindex"], link["ifname"], link.get("address")) for link in links),
         "addresses": sorted(
-            (a["ifname"], i["local"], i["prefixlen"]) for a in addrs for i in a.get("addr_info", []) if i.get("scope") == "global"
+            (a["ifname"], i["local"], i["prefixlen"])
+            for a in addrs
+            for i in a.get("addr_info", [])
+            if i.get("scope") == "global"
         ),
         "routes4": sorted(json.dumps(r, sort_keys=True) for r in routes(netns_path, 4)),
-        "routes6": sorted(json.dumps(r, sort_keys=True) for r in routes(netns_path, 6) if not r["dst"].startswith("fe80")),
+        "routes6": sorted(
+            json.dumps(r, sort_keys=True) for r in routes(netns_path, 6) if not r["dst"].startswith("fe80")
+        ),
         "nft_rule_handles": sorted(rules),
     }
 
@@ -256,7 +265,11 @@ def kernel_state(netns_path: str) -> dict[str, Any]:
 def lab_leftovers(name: str) -> list[str]:
     """Everything of a lab that `lab down` must have removed."""
     found = []
-    found += [f"namespace {n}" for n in os.listdir("/run/netns") if n.startswith(f"{name}-")] if os.path.isdir("/run/netns") else []
+    found += (
+        [f"namespace {n}" for n in os.listdir("/run/netns") if n.startswith(f"{name}-")]
+        if os.path.isdir("/run/netns")
+        else []
+    )
     with open("/proc/mounts") as f:
         found += [f"mount {line.split()[1]}" for line in f if name in line]
     links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)

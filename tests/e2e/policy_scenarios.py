@@ -123,9 +123,7 @@ class Expect:
 
     def __post_init__(self) -> None:
         if self.port not in PORTS or self.protocol not in PROTOCOLS:
-            raise ValueError(
-                f"the pods serve {PORTS} over {PROTOCOLS}; cannot expect {self.protocol}/{self.port}"
-            )
+            raise ValueError(f"the pods serve {PORTS} over {PROTOCOLS}; cannot expect {self.protocol}/{self.port}")
         parse_matrix(self.matrix)
 
     def expected(self) -> dict[tuple[str, str], bool]:
@@ -173,27 +171,19 @@ def parse_matrix(text: str) -> dict[tuple[str, str], bool]:
     for src, line in zip(PODS, rows, strict=True):
         words = line.split()
         if words[0] != src:
-            raise MatrixFormatError(
-                f"rows must go {' '.join(PODS)}: expected row {src}, found {line.strip()!r}"
-            )
+            raise MatrixFormatError(f"rows must go {' '.join(PODS)}: expected row {src}, found {line.strip()!r}")
         if len(words) != len(PODS) + 1:
-            raise MatrixFormatError(
-                f"row {src} has {len(words) - 1} cells, needs {len(PODS)}: {line.strip()!r}"
-            )
+            raise MatrixFormatError(f"row {src} has {len(words) - 1} cells, needs {len(PODS)}: {line.strip()!r}")
         for dst, cell in zip(PODS, words[1:], strict=True):
             if cell not in (".", "X"):
-                raise MatrixFormatError(
-                    f"cell {src} -> {dst} is {cell!r}: write '.' (reachable) or 'X' (not)"
-                )
+                raise MatrixFormatError(f"cell {src} -> {dst} is {cell!r}: write '.' (reachable) or 'X' (not)")
             if src == dst and cell != ".":
                 raise MatrixFormatError(f"cell {src} -> {dst} is X, but a pod cannot block access to itself")
             cells[(src, dst)] = cell == "."
     return cells
 
 
-def format_matrix(
-    cells: Mapping[tuple[str, str], bool], marked: frozenset[tuple[str, str]] = frozenset()
-) -> str:
+def format_matrix(cells: Mapping[tuple[str, str], bool], marked: frozenset[tuple[str, str]] = frozenset()) -> str:
     """A matrix as text, marked cells shown in brackets: [.] or [X]."""
     lines = ["      " + " ".join(PODS)]
     for src in PODS:
@@ -205,9 +195,7 @@ def format_matrix(
     return "\n".join(lines)
 
 
-def describe_mismatch(
-    expected: Mapping[tuple[str, str], bool], observed: Mapping[tuple[str, str], bool]
-) -> str:
+def describe_mismatch(expected: Mapping[tuple[str, str], bool], observed: Mapping[tuple[str, str], bool]) -> str:
     wrong = frozenset(pair for pair in expected if observed.get(pair) != expected[pair])
     word = {True: ". (reachable)", False: "X (blocked)"}
     details = [
@@ -263,8 +251,7 @@ def substitute(text: str, addresses: Mapping[str, str], family: int) -> str:
             prefix = int(length) + (96 if family == 6 else 0)
             return str(ipaddress.ip_network(f"{address(pod, placeholder)}/{prefix}", strict=False))
         raise ValueError(
-            f"unknown placeholder {placeholder}: "
-            "use {ip:x/a}, {cidr:x/a/26}, {cidr:x/a/32} or {cidr:all}"
+            f"unknown placeholder {placeholder}: use {{ip:x/a}}, {{cidr:x/a/26}}, {{cidr:x/a/32}} or {{cidr:all}}"
         )
 
     return _PLACEHOLDER.sub(replace, text)
@@ -284,9 +271,7 @@ def check_node_blocks(addresses: Mapping[str, str], family: int) -> None:
         members = [f"{ns}/{pod}" for ns in NAMESPACES]
         networks = {ipaddress.ip_network(f"{addresses[m]}/{prefix}", strict=False) for m in members}
         if len(networks) != 1:
-            problems.append(
-                f"{', '.join(members)} (all on {NODE_OF_POD[pod]}) are not in one /{prefix} block"
-            )
+            problems.append(f"{', '.join(members)} (all on {NODE_OF_POD[pod]}) are not in one /{prefix} block")
         blocks[pod] = networks
     if len(set().union(*blocks.values())) < sum(len(networks) for networks in blocks.values()):
         problems.append(f"two nodes' pods share a /{prefix} block")
@@ -409,8 +394,7 @@ class _Settle:
                 return
             if self.clock() >= deadline:
                 raise AssertionError(
-                    f"{context}: still wrong after {self.settle_seconds:g} s\n"
-                    f"{describe_mismatch(expected, observed)}"
+                    f"{context}: still wrong after {self.settle_seconds:g} s\n{describe_mismatch(expected, observed)}"
                 )
             self.sleep(self.retry_seconds)
 

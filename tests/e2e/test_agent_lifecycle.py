@@ -88,7 +88,11 @@ def _blocks_of(lab: Lab, node: str) -> list[str]:
 
 
 def _routed_blocks(lab: Lab, node: str) -> set[str]:
-    return {r["dst"] for r in routes(node_netns(lab, node)) if str(r.get("protocol")) == "211" and r.get("type") != "blackhole"}
+    return {
+        r["dst"]
+        for r in routes(node_netns(lab, node))
+        if str(r.get("protocol")) == "211" and r.get("type") != "blackhole"
+    }
 
 
 def test_node_join_and_leave(lab: Lab) -> None:

@@ -159,13 +159,13 @@ def test_check_notices_a_removed_route(cni: Cni) -> None:
     host = result["interfaces"][0]["name"]
     address = result["ips"][0]["address"].split("/")[0]
     run_in(cni.host_netns, ["ip", "route", "del", address, "dev", host], check=True)
-    status, out = cni.call("CHECK", cni.config(prevResult=result), cid, netns)
+    _, out = cni.call("CHECK", cni.config(prevResult=result), cid, netns)
     assert out is not None and out["code"] == spec.ERR_CHECK_MISMATCH
     assert f"no route to {address}" in out["details"]
     # and a removed default route inside the pod
     cid, netns, result = cni.add()
     run_in(netns, ["ip", "route", "del", "default"], check=True)
-    status, out = cni.call("CHECK", cni.config(prevResult=result), cid, netns)
+    _status, out = cni.call("CHECK", cni.config(prevResult=result), cid, netns)
     assert out is not None and out["code"] == spec.ERR_CHECK_MISMATCH
     assert "route 0.0.0.0/0 is missing" in out["details"]
 
@@ -173,7 +173,7 @@ def test_check_notices_a_removed_route(cni: Cni) -> None:
 def test_check_of_an_unknown_container_is_error_3(cni: Cni) -> None:
     netns = cni.new_netns()
     prev = {"cniVersion": "1.1.0", "ips": [{"address": "10.244.0.9/32"}]}
-    status, out = cni.call("CHECK", cni.config(prevResult=prev), "nosuchcontainer", netns)
+    _status, out = cni.call("CHECK", cni.config(prevResult=prev), "nosuchcontainer", netns)
     assert out is not None and out["code"] == spec.ERR_UNKNOWN_CONTAINER
 
 
@@ -187,7 +187,7 @@ def test_del_is_idempotent(cni: Cni) -> None:
 
 
 def test_del_without_netns_cleans_up(cni: Cni) -> None:
-    cid, netns, result = cni.add()
+    cid, _netns, result = cni.add()
     host = result["interfaces"][0]["name"]
     status, _ = cni.call("DEL", cni.config(), cid, "")
     assert status == 0
@@ -302,7 +302,12 @@ def test_portmap_and_bandwidth_chain_after_tulle(cni: Cni, lab: Lab) -> None:
     }
     runtime_config = {
         "portMappings": [{"hostPort": 8080, "containerPort": 7777, "protocol": "tcp"}],
-        "bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000},
+        "bandwidth": {
+            "ingressRate": 100_000_000,
+            "ingressBurst": 1_000_000,
+            "egressRate": 100_000_000,
+            "egressBurst": 1_000_000,
+        },
     }
     runtime = CniRuntime(CNI_PATH, cni.host_netns)
     cid, netns = uuid.uuid4().hex, cni.new_netns()

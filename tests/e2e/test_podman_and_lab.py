@@ -34,7 +34,10 @@ def test_podman_containers_on_two_nodes_reach_each_other_and_stopping_one_frees_
             assert ping(pod_netns(lab, "default/db"), pod_ips(lab, "default/web")[family])
         # podman ran ADD with K8S_POD_NAME=<container name> and no namespace: default/web
         weps = lab.with_store(state(lab), lambda store: store.list(WORKLOAD_ENDPOINT)[0])
-        assert {(w["metadata"]["namespace"], w["spec"]["pod"]) for w in weps} == {("default", "web"), ("default", "db")}
+        assert {(w["metadata"]["namespace"], w["spec"]["pod"]) for w in weps} == {
+            ("default", "web"),
+            ("default", "db"),
+        }
         container_id = state(lab)["pods"]["default/web"]["containerID"]
         assert f"tulle/{container_id}/eth0" in _allocations(lab, "node1")
         lab.del_pod("default", "web")  # podman rm: podman runs DEL

@@ -20,6 +20,7 @@ import yaml
 
 from tulle.dataplane.netns import run_in_netns
 from tulle.lab.cluster import Lab
+from tulle.lab.probe import ServerSet, probe_matrix
 from tulle.model.kinds import NAMESPACE, NETWORK_POLICY, POD, WORKLOAD_ENDPOINT, lookup
 from tulle.model.store import ResourceStore
 from tulle.model.validation import admit, admit_all
@@ -28,8 +29,16 @@ from tulle.policy.inputs import inputs_from_objects
 from tulle.policy.trace import trace
 
 from ..lablib import running_lab, state
-from .policy_scenarios import NAMESPACES, NODE_OF_POD, POD_NAMES, PODS, SCENARIOS, Scenario, run_scenario, scenario_named
-from .probe import ServerSet, probe_matrix
+from .policy_scenarios import (
+    NAMESPACES,
+    NODE_OF_POD,
+    POD_NAMES,
+    PODS,
+    SCENARIOS,
+    Scenario,
+    run_scenario,
+    scenario_named,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -69,7 +78,12 @@ class LabCluster:
 
     @staticmethod
     def _set_labels(
-        store: ResourceStore, kind: Any, name: str, namespace: str | None, labels: dict[str, str | None], exact: bool
+        store: ResourceStore,
+        kind: Any,
+        name: str,
+        namespace: str | None,
+        labels: dict[str, str | None],
+        exact: bool,
     ) -> None:
         obj = store.get(kind, name, namespace)
         assert obj is not None, f"{kind.kind} {namespace}/{name} is missing"

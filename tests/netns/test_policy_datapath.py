@@ -141,8 +141,7 @@ def apply(
 
 def counters(node: Node) -> dict[str, int]:
     return {
-        name: packets
-        for name, (packets, _) in run_in_netns(node.netns, lambda: NftReconciler().counters()).items()
+        name: packets for name, (packets, _) in run_in_netns(node.netns, lambda: NftReconciler().counters()).items()
     }
 
 
@@ -225,12 +224,8 @@ def sctp_init_reaches(src: Pod, family: int, dst: Pod, port: int) -> bool:
     from scapy.layers.sctp import SCTP, SCTPChunkInit
 
     vtag = secrets.randbits(31) | 1
-    packet = bytes(
-        SCTP(sport=40000 + port % 1000, dport=port, tag=0) / SCTPChunkInit(init_tag=vtag, init_tsn=1)
-    )
-    sniffer = run_in_netns(
-        dst.netns, lambda: socket.socket(_family(family), socket.SOCK_RAW, socket.IPPROTO_SCTP)
-    )
+    packet = bytes(SCTP(sport=40000 + port % 1000, dport=port, tag=0) / SCTPChunkInit(init_tag=vtag, init_tsn=1))
+    sniffer = run_in_netns(dst.netns, lambda: socket.socket(_family(family), socket.SOCK_RAW, socket.IPPROTO_SCTP))
     sniffer.settimeout(DENIED_WAIT)
     try:
 
@@ -311,9 +306,7 @@ def test_allowed_flows_pass_denied_flows_are_dropped_and_counted(node: Node, fam
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_established_connections_survive_allowed_updates_and_are_cut_when_denied(
-    node: Node, family: int
-) -> None:
+def test_established_connections_survive_allowed_updates_and_are_cut_when_denied(node: Node, family: int) -> None:
     """I8: an update that keeps a connection allowed never cuts it; one that denies it does."""
     a, b = node.pods["a"], node.pods["b"]
     port = 3000 + family
@@ -340,9 +333,7 @@ def test_established_connections_survive_allowed_updates_and_are_cut_when_denied
         assert not exchange(client, conn)
         remaining = run_in_netns(node.netns, list_connections)
         assert not [
-            x
-            for x in remaining
-            if x.dst == b.address(family) and x.dport == port and x.src == a.address(family)
+            x for x in remaining if x.dst == b.address(family) and x.dport == port and x.src == a.address(family)
         ]
     finally:
         # Reset rather than close: a closing socket would retransmit its FIN or data for seconds

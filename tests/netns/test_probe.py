@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.probe import ServerSet, probe, probe_matrix
+from tulle.lab.probe import ServerSet, probe, probe_matrix
 
 pytestmark = pytest.mark.root
 
@@ -114,9 +114,7 @@ def test_open_port_is_reachable_and_dropped_port_is_not(
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("protocol", ["TCP", "UDP"])
-def test_closed_port_is_unreachable_without_waiting(
-    pods: Pods, servers: ServerSet, family: int, protocol: str
-) -> None:
+def test_closed_port_is_unreachable_without_waiting(pods: Pods, servers: ServerSet, family: int, protocol: str) -> None:
     started = time.monotonic()
     assert probe(pods.a, ADDRESSES[family]["b"], 82, protocol, timeout=5.0) is False
     assert time.monotonic() - started < 2.0, "a reset or ICMP port unreachable ends the probe at once"

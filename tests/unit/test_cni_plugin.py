@@ -95,7 +95,7 @@ def test_malformed_json_is_error_6(tmp_path: Path) -> None:
 
 
 def test_config_that_is_not_an_object_is_error_6(tmp_path: Path) -> None:
-    status, out = run_plugin("ADD", b"[1, 2]", ATTACH_ENV)
+    _status, out = run_plugin("ADD", b"[1, 2]", ATTACH_ENV)
     assert out is not None and out["code"] == spec.ERR_DECODE
 
 
@@ -110,13 +110,19 @@ def test_missing_config_field_names_the_field(tmp_path: Path, field: str) -> Non
 
 
 def test_bad_mtu_is_error_7(tmp_path: Path) -> None:
-    status, out = run_plugin("ADD", config(tmp_path, mtu=10), ATTACH_ENV)
+    _status, out = run_plugin("ADD", config(tmp_path, mtu=10), ATTACH_ENV)
     assert out is not None and out["code"] == spec.ERR_INVALID_CONFIG and "mtu" in out["msg"]
 
 
 @pytest.mark.parametrize(
     ("missing", "command"),
-    [("CNI_CONTAINERID", "ADD"), ("CNI_IFNAME", "ADD"), ("CNI_NETNS", "ADD"), ("CNI_NETNS", "CHECK"), ("CNI_IFNAME", "DEL")],
+    [
+        ("CNI_CONTAINERID", "ADD"),
+        ("CNI_IFNAME", "ADD"),
+        ("CNI_NETNS", "ADD"),
+        ("CNI_NETNS", "CHECK"),
+        ("CNI_IFNAME", "DEL"),
+    ],
 )
 def test_missing_environment_is_error_4(tmp_path: Path, missing: str, command: str) -> None:
     env = {k: v for k, v in ATTACH_ENV.items() if k != missing}
@@ -128,23 +134,23 @@ def test_missing_environment_is_error_4(tmp_path: Path, missing: str, command: s
 
 @pytest.mark.parametrize("ifname", ["", ".", "..", "a/b", "a:b", "has space", "x" * 16])
 def test_invalid_interface_name_is_error_4(tmp_path: Path, ifname: str) -> None:
-    status, out = run_plugin("ADD", config(tmp_path), dict(ATTACH_ENV, CNI_IFNAME=ifname))
+    _status, out = run_plugin("ADD", config(tmp_path), dict(ATTACH_ENV, CNI_IFNAME=ifname))
     assert out is not None and out["code"] == spec.ERR_INVALID_ENVIRONMENT
 
 
 @pytest.mark.parametrize("container_id", ["-abc", "_x", "a b", "a/b"])
 def test_invalid_container_id_is_error_4(tmp_path: Path, container_id: str) -> None:
-    status, out = run_plugin("ADD", config(tmp_path), dict(ATTACH_ENV, CNI_CONTAINERID=container_id))
+    _status, out = run_plugin("ADD", config(tmp_path), dict(ATTACH_ENV, CNI_CONTAINERID=container_id))
     assert out is not None and out["code"] == spec.ERR_INVALID_ENVIRONMENT
 
 
 def test_unknown_command_is_error_4(tmp_path: Path) -> None:
-    status, out = run_plugin("FROB", config(tmp_path), ATTACH_ENV)
+    _status, out = run_plugin("FROB", config(tmp_path), ATTACH_ENV)
     assert out is not None and out["code"] == spec.ERR_INVALID_ENVIRONMENT and "FROB" in out["msg"]
 
 
 def test_malformed_cni_args_is_error_4(tmp_path: Path) -> None:
-    status, out = run_plugin("ADD", config(tmp_path), dict(ATTACH_ENV, CNI_ARGS="K8S_POD_NAME"))
+    _status, out = run_plugin("ADD", config(tmp_path), dict(ATTACH_ENV, CNI_ARGS="K8S_POD_NAME"))
     assert out is not None and out["code"] == spec.ERR_INVALID_ENVIRONMENT and "CNI_ARGS" in out["msg"]
 
 

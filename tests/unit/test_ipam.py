@@ -44,13 +44,13 @@ def test_nodes_start_at_different_blocks() -> None:
     ],
 )
 def test_pool_that_is_not_a_cidr_is_refused_naming_the_field(cidr: str, reason: str) -> None:
-    with pytest.raises(PoolError, match="spec.cidr"):
+    with pytest.raises(PoolError, match=r"spec\.cidr"):
         parse_pool(pool_object("bad", cidr))
 
 
 @pytest.mark.parametrize("block", [8, 31, 33, "26", True])
 def test_bad_block_size_is_refused(block: Any) -> None:
-    with pytest.raises(PoolError, match="spec.blockSize"):
+    with pytest.raises(PoolError, match=r"spec\.blockSize"):
         parse_pool(pool_object("bad", "10.0.0.0/16", block))
 
 

@@ -168,9 +168,7 @@ def test_policy_types_default_ingress_only_without_egress_rules() -> None:
 
 
 def test_rules_of_a_type_not_listed_are_ignored() -> None:
-    model = cluster(
-        netpol("x", "p", podSelector=labelled("app", "b"), policyTypes=["Egress"], ingress=[{}], egress=[])
-    )
+    model = cluster(netpol("x", "p", podSelector=labelled("app", "b"), policyTypes=["Egress"], ingress=[{}], egress=[]))
     assert model.policies["x/p"].ingress is None
     assert model.pods["x/b"].ingress == ()
     assert not allowed(model, "10.0.0.2", "10.0.0.1")
@@ -185,9 +183,7 @@ def test_empty_rule_allows_all_and_empty_rule_list_allows_nothing() -> None:
 
 
 def test_empty_from_means_every_peer() -> None:
-    model = cluster(
-        netpol("x", "p", podSelector=labelled("app", "b"), ingress=[{"from": [], "ports": [{"port": 80}]}])
-    )
+    model = cluster(netpol("x", "p", podSelector=labelled("app", "b"), ingress=[{"from": [], "ports": [{"port": 80}]}]))
     assert allowed(model, "192.0.2.7", "10.0.0.2", 80)
     assert not allowed(model, "192.0.2.7", "10.0.0.2", 81)
 
@@ -226,9 +222,7 @@ def test_selectors_in_one_peer_are_anded_in_separate_peers_ored() -> None:
             "x",
             "p",
             podSelector=labelled("app", "b"),
-            ingress=[
-                {"from": [{"namespaceSelector": labelled("team", "b"), "podSelector": labelled("app", "a")}]}
-            ],
+            ingress=[{"from": [{"namespaceSelector": labelled("team", "b"), "podSelector": labelled("app", "a")}]}],
         )
     )
     assert allowed(anded, "10.0.0.3", "10.0.0.2")  # y/c: team=b and app=a
@@ -302,13 +296,7 @@ def test_ip_block_with_except() -> None:
             "x",
             "p",
             podSelector=labelled("app", "b"),
-            ingress=[
-                {
-                    "from": [
-                        {"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25", "192.0.2.5/32"]}}
-                    ]
-                }
-            ],
+            ingress=[{"from": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25", "192.0.2.5/32"]}}]}],
         )
     )
     assert allowed(model, "192.0.2.4", "10.0.0.2")
@@ -583,9 +571,7 @@ def test_malformed_objects_are_skipped_and_reported() -> None:
 def test_a_bad_port_or_address_does_not_cost_a_pod_its_labels() -> None:
     """Fail closed: a pod whose labels are readable stays selected, so it stays isolated."""
     odd = pod("x", "odd", ["10.0.0.7", "not-an-ip"], {"app": "b"}, [("http", 8080, "TCP"), ("bad", 0, "TCP")])
-    odd["spec"]["containers"].append(
-        {"name": "side", "ports": [{"name": "x", "containerPort": 1, "protocol": "ICMP"}]}
-    )
+    odd["spec"]["containers"].append({"name": "side", "ports": [{"name": "x", "containerPort": 1, "protocol": "ICMP"}]})
     model = build(NAMESPACES, [odd], [netpol("x", "deny", podSelector=labelled("app", "b"))])
     assert model.pods["x/odd"].ingress == ("x/deny",)
     assert model.pods["x/odd"].addresses == ("10.0.0.7",)
@@ -640,9 +626,7 @@ def test_never_crashes_on_malformed_objects(garbage: Any, where: list[str], kind
     }
     objs[kind].append(_mangle(objs[kind][0], where, garbage))
     objs[kind].append(garbage)
-    model = compile_policies(
-        inputs_from_objects(objs["namespace"], objs["pod"], objs["policy"], objs["endpoint"])
-    )
+    model = compile_policies(inputs_from_objects(objs["namespace"], objs["pod"], objs["policy"], objs["endpoint"]))
     policy_table(model, ["10.0.0.1", "10.0.0.2"])
 
 
@@ -681,8 +665,7 @@ def test_atoms_partition_the_space() -> None:
 
 def test_pods_with_the_same_signature_share_an_atom() -> None:
     pods = [
-        pod("x", f"w{i}", [f"10.1.{i // 250}.{i % 250 + 1}"], {"app": "web" if i % 2 else "db"})
-        for i in range(1000)
+        pod("x", f"w{i}", [f"10.1.{i // 250}.{i % 250 + 1}"], {"app": "web" if i % 2 else "db"}) for i in range(1000)
     ]
     model = build(
         NAMESPACES,
@@ -740,13 +723,9 @@ def test_a_new_signature_takes_over_the_id_its_addresses_had() -> None:
 
 
 def test_a_label_change_moves_one_address() -> None:
-    policies = [
-        netpol("x", "p", ingress=[{"from": [{"namespaceSelector": {}, "podSelector": labelled("app", "a")}]}])
-    ]
+    policies = [netpol("x", "p", ingress=[{"from": [{"namespaceSelector": {}, "podSelector": labelled("app", "a")}]}])]
     first = cluster(*policies)
-    moved = build(
-        NAMESPACES, [A, B, pod("y", "c", ["10.0.0.3", "fd00::3"], {"app": "z"}), D], policies, previous=first
-    )
+    moved = build(NAMESPACES, [A, B, pod("y", "c", ["10.0.0.3", "fd00::3"], {"app": "z"}), D], policies, previous=first)
     assert moved.atom("10.0.0.1") == first.atom("10.0.0.1")
     assert moved.atom("10.0.0.3") == 0 != first.atom("10.0.0.3")
 
@@ -793,9 +772,7 @@ def test_policy_table_shape() -> None:
             "x",
             "q",
             podSelector=labelled("app", "b"),
-            ingress=[
-                {"from": [{"podSelector": labelled("app", "a")}], "ports": [{"port": 85, "endPort": 100}]}
-            ],
+            ingress=[{"from": [{"podSelector": labelled("app", "a")}], "ports": [{"port": 85, "endPort": 100}]}],
         ),
     )
     table = policy_table(model, ["10.0.0.1", "10.0.0.2", "fd00::2", "198.51.100.1"])
@@ -826,17 +803,13 @@ def test_policy_table_shape() -> None:
 
 
 def test_open_endpoint_needs_no_other_element() -> None:
-    model = cluster(
-        netpol("x", "p", podSelector=labelled("app", "b"), ingress=[{"ports": [{"port": 80}]}, {}])
-    )
+    model = cluster(netpol("x", "p", podSelector=labelled("app", "b"), ingress=[{"ports": [{"port": 80}]}, {}]))
     table = policy_table(model, ["10.0.0.2"])
     assert table.sets["ingress_open_v4"].elements == {(int(ipaddress.ip_address("10.0.0.2")),)}
     assert not table.sets["ingress_anyone_v4"].elements
 
 
-def _big_cluster(
-    n_pods: int, n_policies: int, namespaces: int = 50
-) -> tuple[list[Obj], list[Obj], list[Obj]]:
+def _big_cluster(n_pods: int, n_policies: int, namespaces: int = 50) -> tuple[list[Obj], list[Obj], list[Obj]]:
     nss = [namespace(f"ns{i}", team=f"t{i % 7}", env="prod" if i % 3 else "dev") for i in range(namespaces)]
     pods = []
     for i in range(n_pods):
@@ -874,11 +847,7 @@ def _big_cluster(
         egress = [
             {
                 "to": [
-                    {
-                        "namespaceSelector": {
-                            "matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]
-                        }
-                    }
+                    {"namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]}}
                 ],
                 "ports": [{"port": "metrics"}],
             },
@@ -1089,9 +1058,7 @@ def reference_allowed(inputs: PolicyInputs, src: str, dst: str, protocol: int, p
         selecting = [
             pol
             for pol in inputs.policies
-            if policy_type in pol.types
-            and pol.namespace == me.namespace
-            and matches(pol.pod_selector, dict(me.labels))
+            if policy_type in pol.types and pol.namespace == me.namespace and matches(pol.pod_selector, dict(me.labels))
         ]
         if not selecting:
             return True
@@ -1099,9 +1066,7 @@ def reference_allowed(inputs: PolicyInputs, src: str, dst: str, protocol: int, p
         for pol in selecting:
             for rule in pol.ingress if direction == INGRESS else pol.egress:
                 peers_ = (
-                    [p for p in rule.peers if not isinstance(p, CidrPeer) or p.family == family]
-                    if rule.peers
-                    else None
+                    [p for p in rule.peers if not isinstance(p, CidrPeer) or p.family == family] if rule.peers else None
                 )
                 if peers_ is not None and not any(peer_ok(p, peer_address, pol.namespace) for p in peers_):
                     continue

@@ -373,9 +373,7 @@ def applied_policies(scenario: Scenario, family: int) -> Iterator[dict[str, Any]
             yield yaml.load(substitute(step.yaml, fake_addresses(family), family), Loader=GoYamlLoader)
 
 
-def _keys(
-    obj: Any, allowed: set[str], where: str, problems: list[str], required: frozenset[str] = frozenset()
-) -> bool:
+def _keys(obj: Any, allowed: set[str], where: str, problems: list[str], required: frozenset[str] = frozenset()) -> bool:
     if not isinstance(obj, dict):
         problems.append(f"{where}: expected a mapping, got {obj!r}")
         return False
@@ -444,9 +442,7 @@ def _port(port: Any, where: str, problems: list[str]) -> None:
 def network_policy_problems(doc: Any) -> list[str]:
     """What the API server would refuse in doc, as far as these scenarios use the API."""
     problems: list[str] = []
-    if not _keys(
-        doc, {"apiVersion", "kind", "metadata", "spec"}, "policy", problems, frozenset({"metadata", "spec"})
-    ):
+    if not _keys(doc, {"apiVersion", "kind", "metadata", "spec"}, "policy", problems, frozenset({"metadata", "spec"})):
         return problems
     if (doc.get("apiVersion"), doc.get("kind")) != ("networking.k8s.io/v1", "NetworkPolicy"):
         problems.append("policy: not a networking.k8s.io/v1 NetworkPolicy")
@@ -488,9 +484,7 @@ def test_there_are_at_least_40_uniquely_named_scenarios() -> None:
     assert all(scenario.about and len(scenario.about) <= 110 for scenario in SCENARIOS)
 
 
-@pytest.mark.parametrize(
-    ("scenario", "family"), cases(), ids=lambda v: v.name if isinstance(v, Scenario) else f"v{v}"
-)
+@pytest.mark.parametrize(("scenario", "family"), cases(), ids=lambda v: v.name if isinstance(v, Scenario) else f"v{v}")
 def test_every_applied_object_is_a_valid_network_policy(scenario: Scenario, family: int) -> None:
     for doc in applied_policies(scenario, family):
         assert network_policy_problems(doc) == []
@@ -504,9 +498,7 @@ def test_steps_refer_to_things_that_exist(scenario: Scenario) -> None:
             meta = yaml.safe_load(substitute(step.yaml, fake_addresses(4), 4))["metadata"]
             applied.add((meta["namespace"], meta["name"]))
         elif isinstance(step, Delete):
-            assert (step.namespace, step.name) in applied, (
-                f"{scenario.name} deletes a policy it never applied"
-            )
+            assert (step.namespace, step.name) in applied, f"{scenario.name} deletes a policy it never applied"
         elif isinstance(step, Label):
             target = f"{step.namespace}/{step.name}" if step.kind == "Pod" else step.name
             assert target in (PODS if step.kind == "Pod" else ("x", "y", "z"))

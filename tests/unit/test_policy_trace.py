@@ -177,9 +177,7 @@ class Simulator:
         mark = self.atom_mark(v, them)
         if (me, mark) in self.sets[f"{direction}_peer_all_{v}"]:
             return True, None
-        if has_port and _interval_hit(
-            self.sets[f"{direction}_peer_ports_{v}"], (me, mark, protocol, port or 0)
-        ):
+        if has_port and _interval_hit(self.sets[f"{direction}_peer_ports_{v}"], (me, mark, protocol, port or 0)):
             return True, None
         return False, self.maps[f"{direction}_drop_counters_{v}"].get((me,))
 

@@ -34,9 +34,7 @@ Obj = dict[str, Any]
 class Tulle:
     """Runs `tulle ...` in this process against the test's etcd and prefix."""
 
-    def __init__(
-        self, url: str, prefix: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-    ):
+    def __init__(self, url: str, prefix: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
         self.url, self.prefix, self.capsys, self.monkeypatch = url, prefix, capsys, monkeypatch
 
     def __call__(self, *argv: str, stdin: str | None = None) -> tuple[int, str, str]:
@@ -103,9 +101,7 @@ def pod(name: str, namespace: str = "default", **labels: str) -> Obj:
         "kind": "Pod",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
-            "containers": [
-                {"name": "main", "image": "busybox", "ports": [{"containerPort": 80, "name": "http"}]}
-            ]
+            "containers": [{"name": "main", "image": "busybox", "ports": [{"containerPort": 80, "name": "http"}]}]
         },
     }
 
@@ -125,9 +121,7 @@ BAD_PORT = {"podSelector": {}, "ingress": [{"ports": [{"port": 80, "endPort": 79
 # --- apply ------------------------------------------------------------------------------------------
 
 
-def test_apply_creates_every_object_and_says_so_like_kubectl(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_apply_creates_every_object_and_says_so_like_kubectl(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     path = write(
         tmp_path,
         dump(ns("web"), netpol("allow", "web"), pod("p1", "web", app="web"), pool("a", "10.0.0.0/16")),
@@ -146,9 +140,7 @@ def test_apply_creates_every_object_and_says_so_like_kubectl(
     assert store.get(IP_POOL, "a")["spec"]["blockSize"] == 26  # type: ignore[index]
 
 
-def test_apply_writes_all_objects_in_one_transaction(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_apply_writes_all_objects_in_one_transaction(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("web"), netpol("a", "web"), netpol("b", "web"))))
     revisions = {
         store.get(NAMESPACE, "web")["metadata"]["resourceVersion"],  # type: ignore[index]
@@ -158,9 +150,7 @@ def test_apply_writes_all_objects_in_one_transaction(
     assert len(revisions) == 1
 
 
-def test_apply_again_is_unchanged_and_a_change_is_configured(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_apply_again_is_unchanged_and_a_change_is_configured(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     path = write(tmp_path, dump(netpol("a"), netpol("b")))
     tulle.ok("apply", "-f", path)
     uid = store.get(NETWORK_POLICY, "a", "default")["metadata"]["uid"]  # type: ignore[index]
@@ -203,30 +193,22 @@ def test_a_refused_last_document_leaves_the_datastore_unchanged(
     assert contents(datastore, prefix) == before
 
 
-def test_every_refused_object_is_reported(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
-) -> None:
+def test_every_refused_object_is_reported(tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str) -> None:
     docs = [netpol("bad1", spec={}), netpol("fine"), netpol("bad2", spec={"podSelector": {}, "foo": 1})]
     code, _, err = tulle("apply", "-f", write(tmp_path, dump(*docs)))
     assert code == 1
-    assert (
-        '(document 1): NetworkPolicy.networking.k8s.io "bad1" is invalid: spec.podSelector: Required value'
-        in err
-    )
+    assert '(document 1): NetworkPolicy.networking.k8s.io "bad1" is invalid: spec.podSelector: Required value' in err
     assert 'Error from server (BadRequest): error when applying "' in err
     assert '(document 3): NetworkPolicy in version "v1" cannot be handled as a NetworkPolicy: ' in err
     assert 'unknown field "spec.foo"' in err
     assert contents(datastore, prefix) == []
 
 
-def test_apply_takes_a_list_json_stdin_and_directories(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_apply_takes_a_list_json_stdin_and_directories(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     listed = {"apiVersion": "v1", "kind": "List", "items": [netpol("l1"), netpol("l2")]}
     assert tulle.ok("apply", "-f", write(tmp_path, dump(listed))).count("created") == 2
     assert (
-        tulle.ok("apply", "-f", "-", stdin=json.dumps(netpol("j1")))
-        == "networkpolicy.networking.k8s.io/j1 created\n"
+        tulle.ok("apply", "-f", "-", stdin=json.dumps(netpol("j1"))) == "networkpolicy.networking.k8s.io/j1 created\n"
     )
     directory = tmp_path / "dir"
     directory.mkdir()
@@ -267,9 +249,7 @@ def test_apply_into_a_missing_namespace_is_not_found(
     assert contents(datastore, prefix) == []
 
 
-def test_apply_namespace_flag_fills_in_and_must_agree(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_apply_namespace_flag_fills_in_and_must_agree(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("web")), "ns.yaml"))
     policy = netpol("a")
     del policy["metadata"]["namespace"]
@@ -280,9 +260,7 @@ def test_apply_namespace_flag_fills_in_and_must_agree(
     assert 'the namespace from the provided object "default" does not match the namespace "web"' in err
 
 
-def test_apply_dry_run_writes_nothing(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
-) -> None:
+def test_apply_dry_run_writes_nothing(tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str) -> None:
     out = tulle.ok("apply", "--dry-run", "-f", write(tmp_path, dump(ns("web"), netpol("a", "web"))))
     assert out.splitlines() == [
         "namespace/web created (server dry run)",
@@ -294,9 +272,7 @@ def test_apply_dry_run_writes_nothing(
 def test_overlapping_pools_are_refused_in_one_file_and_against_the_store(
     tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
 ) -> None:
-    code, _, err = tulle(
-        "apply", "-f", write(tmp_path, dump(pool("a", "10.0.0.0/16"), pool("b", "10.0.5.0/24")))
-    )
+    code, _, err = tulle("apply", "-f", write(tmp_path, dump(pool("a", "10.0.0.0/16"), pool("b", "10.0.5.0/24"))))
     assert code == 1
     assert 'spec.cidr: Invalid value: "10.0.5.0/24": overlaps IPPool a (10.0.0.0/16)' in err
     assert contents(datastore, prefix) == []
@@ -338,19 +314,14 @@ def test_get_output_applies_back_unchanged(tulle: Tulle, tmp_path: Any) -> None:
     )
 
 
-def test_apply_with_a_stale_resource_version_is_a_conflict(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_apply_with_a_stale_resource_version_is_a_conflict(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(netpol("a"))))
     exported = yaml.safe_load(tulle.ok("get", "netpol", "a", "-o", "yaml"))
     tulle.ok("label", "netpol", "a", "x=y")
     exported["metadata"]["labels"] = {"z": "1"}
     code, _, err = tulle("apply", "-f", write(tmp_path, dump(exported), "stale.yaml"))
     assert code == 1
-    assert (
-        "Error from server (Conflict): Operation cannot be fulfilled on networkpolicies.networking.k8s.io"
-        in err
-    )
+    assert "Error from server (Conflict): Operation cannot be fulfilled on networkpolicies.networking.k8s.io" in err
     assert store.get(NETWORK_POLICY, "a", "default")["metadata"]["labels"] == {"x": "y"}  # type: ignore[index]
 
 
@@ -457,8 +428,7 @@ def test_get_by_label_selector(tulle: Tulle, tmp_path: Any) -> None:
 
     def names(selector: str) -> list[str]:
         return [
-            o["metadata"]["name"]
-            for o in json.loads(tulle.ok("get", "netpol", "-l", selector, "-o", "json"))["items"]
+            o["metadata"]["name"] for o in json.loads(tulle.ok("get", "netpol", "-l", selector, "-o", "json"))["items"]
         ]
 
     assert names("app=web") == ["a"]
@@ -487,9 +457,7 @@ def test_flags_may_come_between_names_as_with_kubectl(tulle: Tulle, tmp_path: An
         "networkpolicy.networking.k8s.io/a",
         "networkpolicy.networking.k8s.io/b",
     ]
-    assert (
-        tulle.ok("label", "netpol", "a", "-n", "web", "k=v") == "networkpolicy.networking.k8s.io/a labeled\n"
-    )
+    assert tulle.ok("label", "netpol", "a", "-n", "web", "k=v") == "networkpolicy.networking.k8s.io/a labeled\n"
     assert tulle.ok("delete", "netpol", "-n", "web", "b") == 'networkpolicy.networking.k8s.io "b" deleted\n'
 
 
@@ -514,9 +482,7 @@ def test_delete_says_deleted_and_not_found(tulle: Tulle, tmp_path: Any, store: R
     assert tulle.ok("delete", "netpol", "a", "--ignore-not-found") == ""
 
 
-def test_deleting_a_namespace_deletes_what_is_in_it(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_deleting_a_namespace_deletes_what_is_in_it(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     docs = [ns("web"), ns("db"), netpol("a", "web"), pod("p1", "web"), netpol("keep", "db"), pod("web", "db")]
     tulle.ok("apply", "-f", write(tmp_path, dump(*docs)))
     assert tulle.ok("delete", "ns", "web") == 'namespace "web" deleted\n'
@@ -531,26 +497,20 @@ def test_system_namespaces_cannot_be_deleted(tulle: Tulle) -> None:
     code, _, err = tulle("delete", "ns", "default")
     assert code == 1
     assert err == (
-        'Error from server (Forbidden): namespaces "default" is forbidden: '
-        "this namespace may not be deleted\n"
+        'Error from server (Forbidden): namespaces "default" is forbidden: this namespace may not be deleted\n'
     )
 
 
 # --- label ------------------------------------------------------------------------------------------
 
 
-def test_label_adds_changes_with_overwrite_and_removes(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
-) -> None:
+def test_label_adds_changes_with_overwrite_and_removes(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(netpol("a"))))
 
     def labels() -> Obj:
         return store.get(NETWORK_POLICY, "a", "default")["metadata"]["labels"]  # type: ignore[index,no-any-return]
 
-    assert (
-        tulle.ok("label", "netpol", "a", "app=web", "tier=fe")
-        == "networkpolicy.networking.k8s.io/a labeled\n"
-    )
+    assert tulle.ok("label", "netpol", "a", "app=web", "tier=fe") == "networkpolicy.networking.k8s.io/a labeled\n"
     assert labels() == {"app": "web", "tier": "fe"}
     code, _, err = tulle("label", "netpol", "a", "app=db")
     assert (code, err) == (1, "error: 'app' already has a value (web), and --overwrite is false\n")
@@ -562,16 +522,12 @@ def test_label_adds_changes_with_overwrite_and_removes(
     assert tulle.ok("label", "netpol", "a", "app=db") == "networkpolicy.networking.k8s.io/a not labeled\n"
 
 
-def test_label_is_validated_like_apply(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
-) -> None:
+def test_label_is_validated_like_apply(tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("web"), pod("p1", "web"))))
     before = contents(datastore, prefix)
     code, _, err = tulle("label", "pod", "p1", "-n", "web", "bad key=x")
     assert code == 1
-    assert err.startswith(
-        'Error from server (Invalid): Pod "p1" is invalid: metadata.labels: Invalid value: "bad key"'
-    )
+    assert err.startswith('Error from server (Invalid): Pod "p1" is invalid: metadata.labels: Invalid value: "bad key"')
     code, _, err = tulle("label", "ns", "web", "team=not ok")
     assert code == 1
     assert 'Namespace "web" is invalid: metadata.labels: Invalid value: "not ok"' in err
@@ -610,9 +566,7 @@ def test_the_installed_command_runs(etcd_server: EtcdServer, prefix: str, tmp_pa
     done = subprocess.run([tulle, "apply", "-f", path, *common], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["namespace/web created", "networkpolicy.networking.k8s.io/a created"]
-    done = subprocess.run(
-        [tulle, "get", "netpol", "zzz", "-n", "web", *common], capture_output=True, text=True
-    )
+    done = subprocess.run([tulle, "get", "netpol", "zzz", "-n", "web", *common], capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr == 'Error from server (NotFound): networkpolicies.networking.k8s.io "zzz" not found\n'
 
@@ -689,9 +643,7 @@ def test_commit_prefix_guards_and_deletes(datastore: EtcdDatastore, prefix: str)
     assert datastore.list(f"{prefix}/pools/")[0] == []
 
 
-def test_commit_refuses_what_etcd_would_refuse_with_a_bare_bad_request(
-    datastore: EtcdDatastore, prefix: str
-) -> None:
+def test_commit_refuses_what_etcd_would_refuse_with_a_bare_bad_request(datastore: EtcdDatastore, prefix: str) -> None:
     with pytest.raises(ValueError, match="twice"):
         datastore.commit([PutOp(f"{prefix}/a", b"1"), DeleteOp(f"{prefix}/a")])
     with pytest.raises(DatastoreError, match="at most 128"):

@@ -147,9 +147,9 @@ class CniService:
         namespace, pod = pod_identity(request)
         with self.lock(handle):
             existing = agent.registry.get(network, container_id, ifname)
-            if existing is not None and existing.state == "ready" and existing.netns == netns:
-                if not podnet.check(self._pod_interface(existing), []):
-                    return build_result(existing)  # a repeated ADD: answer as before
+            intact = existing is not None and existing.state == "ready" and existing.netns == netns
+            if existing is not None and intact and not podnet.check(self._pod_interface(existing), []):
+                return build_result(existing)  # a repeated ADD: answer as before
             if existing is not None:
                 self._teardown(existing)
             ep = Endpoint(
@@ -189,7 +189,10 @@ class CniService:
         # Policy for the new pod is in place before the runtime starts its containers.
         agent.sync_policy()
         steps.lap("dataplane")
-        log.info("pod added", extra={"pod": f"{namespace}/{pod}", "ips": ep.ips, "iface": ep.host_ifname, "ms": steps.laps})
+        log.info(
+            "pod added",
+            extra={"pod": f"{namespace}/{pod}", "ips": ep.ips, "iface": ep.host_ifname, "ms": steps.laps},
+        )
         return build_result(ep)
 
     def _pod_interface(self, ep: Endpoint) -> podnet.PodInterface:
@@ -273,7 +276,9 @@ class CniService:
         routes = [r["dst"] for r in prev.get("routes", []) if isinstance(r, dict) and "dst" in r]
         problems.extend(podnet.check(self._pod_interface(ep), routes))
         if problems:
-            raise CniError(spec.ERR_CHECK_MISMATCH, "the container's network is not as ADD left it", "; ".join(problems))
+            raise CniError(
+                spec.ERR_CHECK_MISMATCH, "the container's network is not as ADD left it", "; ".join(problems)
+            )
 
     # -- GC ---------------------------------------------------------------------------------
 
@@ -289,7 +294,9 @@ class CniService:
         for item in raw:
             if not isinstance(item, dict) or "containerID" not in item or "ifname" not in item:
                 raise CniError(
-                    spec.ERR_INVALID_CONFIG, "each valid attachment needs containerID and ifname", f"got {item!r}"
+                    spec.ERR_INVALID_CONFIG,
+                    "each valid attachment needs containerID and ifname",
+                    f"got {item!r}",
                 )
             valid.add((str(item["containerID"]), str(item["ifname"])))
         removed = 0

@@ -246,7 +246,10 @@ class Agent:
                 with self.cni.lock(ep.handle):
                     current = self.registry.get(ep.network, ep.container_id, ep.ifname)
                     if current is not None and current.state == "ready" and not podnet.host_side_exists(ep.host_ifname):
-                        log.info("removing an endpoint whose pod is gone", extra={"pod": f"{ep.namespace}/{ep.pod}"})
+                        log.info(
+                            "removing an endpoint whose pod is gone",
+                            extra={"pod": f"{ep.namespace}/{ep.pod}"},
+                        )
                         self.cni._teardown(current)
                 continue
             log.info("repaired a pod's host side", extra={"pod": f"{ep.namespace}/{ep.pod}", "changed": what})
@@ -332,7 +335,8 @@ class Agent:
 
     def vxlan_endpoints(self) -> list[VxlanEndpoint]:
         return [
-            VxlanEndpoint(family=f, mac=vxlan_mac(self.config.node, f), tunnel_address=a) for f, a in self.tunnels.items()
+            VxlanEndpoint(family=f, mac=vxlan_mac(self.config.node, f), tunnel_address=a)
+            for f, a in self.tunnels.items()
         ]
 
     def register_node(self) -> None:
@@ -442,7 +446,8 @@ class Agent:
                 counters = self.nft.counters()
                 for counter, (pod, direction) in sorted(names.items()):
                     packets, _bytes = counters.get(counter, (0, 0))
-                    drops.append({"pod": pod, "direction": direction, "packets": packets})
+                    family = 6 if "_v6_" in counter else 4
+                    drops.append({"pod": pod, "direction": direction, "family": family, "packets": packets})
             except Exception as exc:  # status must answer even if policy is broken
                 drops.append({"error": str(exc)})
         return {
@@ -629,7 +634,11 @@ class Agent:
         table = policy_table(model, local)
         # Connections can only become denied when policies, labels or named ports change, or
         # when an address moves to another pod; a new pod alone denies nothing that exists.
-        rules = (objects[0], [(o.get("metadata", {}).get("labels"), o.get("spec")) for o in objects[1]], objects[2])
+        rules = (
+            objects[0],
+            [(o.get("metadata", {}).get("labels"), o.get("spec")) for o in objects[1]],
+            objects[2],
+        )
         digest = hashlib.sha256(json.dumps(rules, sort_keys=True, default=str).encode()).hexdigest()
         addresses = {
             ip: f"{o['metadata'].get('namespace')}/{o.get('spec', {}).get('pod')}"

@@ -11,6 +11,12 @@ from tulle.cli.common import UserError, print_json, print_table
 
 
 def register(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="a 3-node lab with pods, traffic and a policy (make demo)")
+    demo.add_argument("--name", default="demo", help="the lab's name (default: %(default)s)")
+    demo.add_argument("--mode", choices=["host-gw", "vxlan", "hybrid"], default="hybrid")
+    demo.add_argument("--keep", action="store_true", help="leave the lab up at the end")
+    demo.set_defaults(func=run_demo)
+
     lab = sub.add_parser("lab", help="a multi-node cluster made of network namespaces")
     labsub = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
 
@@ -69,6 +75,16 @@ def register(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=status)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from tulle.lab.demo import run_demo as demo
+
+    try:
+        demo(args.name, args.mode, args.keep)
+    except _errors() as exc:
+        raise UserError(str(exc))
+    return 0
 
 
 def _lab(name: str) -> Any:
@@ -182,7 +198,12 @@ def pod_add(args: argparse.Namespace) -> int:
     namespace, pod = _split_pod(args.pod)
     try:
         out = _lab(args.name).add_pod(
-            args.node, namespace, pod, parse_labels(args.label), [parse_port(p) for p in args.port], args.runtime
+            args.node,
+            namespace,
+            pod,
+            parse_labels(args.label),
+            [parse_port(p) for p in args.port],
+            args.runtime,
         )
     except _errors() as exc:
         raise UserError(str(exc))
@@ -234,13 +255,21 @@ def status(args: argparse.Namespace) -> int:
         return 0
     print(f"lab {info['name']}: {info['mode']} mode, etcd at {info['etcd']}")
     rows = [
-        [n["name"], ", ".join(n["addresses"]), f"subnet {n['subnet']}", "running" if n["agent"]["running"] else "STOPPED"]
+        [
+            n["name"],
+            ", ".join(n["addresses"]),
+            f"subnet {n['subnet']}",
+            "running" if n["agent"]["running"] else "STOPPED",
+        ]
         for n in info["nodes"]
     ]
     print_table(["NODE", "ADDRESSES", "UNDERLAY", "AGENT"], rows)
     if info["pods"]:
         print()
-        print_table(["POD", "NODE", "IPS", "RUNTIME"], [[p["pod"], p["node"], ", ".join(p["ips"]), p["runtime"]] for p in info["pods"]])
+        print_table(
+            ["POD", "NODE", "IPS", "RUNTIME"],
+            [[p["pod"], p["node"], ", ".join(p["ips"]), p["runtime"]] for p in info["pods"]],
+        )
     ext = info.get("external", {})
     if ext:
         print(f"\nexternal host: {ext.get('netns')} ({', '.join(ext.get('addresses', []))})")

@@ -34,9 +34,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("src", metavar="SRC", help="source: NAMESPACE/POD, POD (in default) or an address")
     p.add_argument("dst", metavar="DST", help="destination: NAMESPACE/POD, POD (in default) or an address")
-    p.add_argument(
-        "port", metavar="PORT/PROTO", help="destination port and protocol: 80/tcp, 53/udp, 9/sctp, icmp"
-    )
+    p.add_argument("port", metavar="PORT/PROTO", help="destination port and protocol: 80/tcp, 53/udp, 9/sctp, icmp")
     p.add_argument("--family", type=int, choices=(4, 6), default=4, help="address family of pods (default 4)")
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
     add_datastore_args(p)
@@ -90,8 +88,7 @@ def _literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def load_model(args: argparse.Namespace) -> PolicyModel:
     store = open_store(args)
     objects = [
-        store.list(kind)[0]
-        for kind in (kinds.NAMESPACE, kinds.POD, kinds.NETWORK_POLICY, kinds.WORKLOAD_ENDPOINT)
+        store.list(kind)[0] for kind in (kinds.NAMESPACE, kinds.POD, kinds.NETWORK_POLICY, kinds.WORKLOAD_ENDPOINT)
     ]
     return compile_policies(inputs_from_objects(*objects))
 

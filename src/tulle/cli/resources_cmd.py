@@ -89,9 +89,7 @@ def register(sub: Any) -> None:
         help="list objects, or show some by name",
         description="Show objects of one kind: KIND is kubectl's name for it (netpol, ns, po...).",
     )
-    p.add_argument(
-        "kind", metavar="KIND", help="networkpolicy|netpol, namespace|ns, pod|po, ippool, ... or KIND/NAME"
-    )
+    p.add_argument("kind", metavar="KIND", help="networkpolicy|netpol, namespace|ns, pod|po, ippool, ... or KIND/NAME")
     p.add_argument("names", nargs="*", metavar="NAME")
     _namespace_args(p)
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
@@ -494,9 +492,7 @@ def _parse_requirement(part: str) -> selectors.Requirement:
                 raise UserError(f"unable to parse requirement: {word.strip()} needs (values) in {part!r}")
             values = tuple(sorted({v.strip() for v in rest[1:-1].split(",") if v.strip()}))
             if not values:
-                raise UserError(
-                    f"unable to parse requirement: {word.strip()} needs at least one value in {part!r}"
-                )
+                raise UserError(f"unable to parse requirement: {word.strip()} needs at least one value in {part!r}")
             return selectors.Requirement(key.strip(), operator, values)
     for op, operator in (("!=", selectors.NOT_IN), ("==", selectors.IN), ("=", selectors.IN)):
         if op in part:
@@ -543,9 +539,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     kind, names = _kind_and_names(args.kind, args.names)
     if not names:
-        raise UserError(
-            f"resource(s) were provided, but no name was specified: tulle delete {args.kind} NAME"
-        )
+        raise UserError(f"resource(s) were provided, but no name was specified: tulle delete {args.kind} NAME")
     namespace = (args.namespace or "default") if kind.namespaced else None
     status = 0
     with _Session(args) as store:
@@ -583,9 +577,7 @@ def parse_label_args(items: list[str]) -> tuple[dict[str, str], list[str]]:
         elif item.endswith("-"):
             to_remove.append(item[:-1])
         else:
-            raise UserError(
-                f"invalid label spec: {item!r}: give KEY=VALUE to set a label or KEY- to remove one"
-            )
+            raise UserError(f"invalid label spec: {item!r}: give KEY=VALUE to set a label or KEY- to remove one")
     both = sorted(set(to_set) & set(to_remove))
     if both:
         raise UserError(f"can not both modify and remove a label in the same command: {', '.join(both)}")
@@ -602,8 +594,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise UserError("at least one label update is required: KEY=VALUE or KEY-")
     if kind not in ADMITTED:
         raise UserError(
-            f"{kind.plural} are written by the Tulle agents; "
-            f"label one of {', '.join(k.plural for k in ADMITTED)}"
+            f"{kind.plural} are written by the Tulle agents; label one of {', '.join(k.plural for k in ADMITTED)}"
         )
     to_set, to_remove = parse_label_args(label_items)
     namespace = (args.namespace or "default") if kind.namespaced else None

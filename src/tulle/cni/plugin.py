@@ -13,12 +13,12 @@ import os
 import socket
 import sys
 
+from tulle.cni import spec
+from tulle.cni.spec import CniError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~2.5 ms at start; the plugin does not need it at run time
     from typing import Any
-
-from tulle.cni import spec
-from tulle.cni.spec import CniError
 
 DEFAULT_SOCKET = "/run/tulle/agent.sock"
 DEFAULT_STATE_DIR = "/var/lib/tulle"
@@ -69,16 +69,12 @@ def _validate_config(config: dict[str, Any]) -> None:
     for field in ("name", "type"):
         value = config.get(field)
         if not isinstance(value, str) or not value:
-            raise CniError(
-                spec.ERR_INVALID_CONFIG, f"network configuration has no {field!r}", f"field: {field}"
-            )
+            raise CniError(spec.ERR_INVALID_CONFIG, f"network configuration has no {field!r}", f"field: {field}")
     for field in ("agentSocket", "stateDir"):
         if field in config and not (isinstance(config[field], str) and config[field].startswith("/")):
             raise CniError(spec.ERR_INVALID_CONFIG, f"{field!r} must be an absolute path", f"field: {field}")
     if "mtu" in config and not (isinstance(config["mtu"], int) and 576 <= config["mtu"] <= 65535):
-        raise CniError(
-            spec.ERR_INVALID_CONFIG, "'mtu' must be a whole number from 576 to 65535", "field: mtu"
-        )
+        raise CniError(spec.ERR_INVALID_CONFIG, "'mtu' must be a whole number from 576 to 65535", "field: mtu")
 
 
 def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -97,9 +93,7 @@ def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dic
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:
-                raise AgentUnavailable(
-                    f"the tulle agent at {socket_path} did not answer within {timeout:.0f} s"
-                )
+                raise AgentUnavailable(f"the tulle agent at {socket_path} did not answer within {timeout:.0f} s")
             if not chunk:
                 break
             chunks.append(chunk)
@@ -161,9 +155,7 @@ def run(command: str, env: dict[str, str], stdin: bytes) -> tuple[int, dict[str,
                 return 0, None
             if command == "STATUS":
                 raise CniError(spec.ERR_PLUGIN_NOT_AVAILABLE, "the tulle agent is not running", str(exc))
-            raise CniError(
-                spec.ERR_TRY_AGAIN_LATER, "the tulle agent is not reachable; try again later", str(exc)
-            )
+            raise CniError(spec.ERR_TRY_AGAIN_LATER, "the tulle agent is not reachable; try again later", str(exc))
         if "error" in answer:
             raise CniError.from_dict(answer["error"])
         result = answer.get("result")

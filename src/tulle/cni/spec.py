@@ -53,9 +53,7 @@ class CniError(Exception):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CniError:
-        return cls(
-            int(data.get("code", ERR_INTERNAL)), str(data.get("msg", "")), str(data.get("details", ""))
-        )
+        return cls(int(data.get("code", ERR_INTERNAL)), str(data.get("msg", "")), str(data.get("details", "")))
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:
@@ -95,9 +93,7 @@ def parse_cni_args(raw: str) -> dict[str, str]:
             continue
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise CniError(
-                ERR_INVALID_ENVIRONMENT, f"CNI_ARGS has a malformed pair {part!r}", "expected K=V;K=V"
-            )
+            raise CniError(ERR_INVALID_ENVIRONMENT, f"CNI_ARGS has a malformed pair {part!r}", "expected K=V;K=V")
         out[key] = value
     return out
 
@@ -116,12 +112,7 @@ def validate_container_id(container_id: str) -> None:
 def validate_ifname(ifname: str) -> None:
     if not ifname:
         raise CniError(ERR_INVALID_ENVIRONMENT, "CNI_IFNAME is missing or empty")
-    if (
-        len(ifname) > 15
-        or ifname in (".", "..")
-        or any(c in ifname for c in "/:")
-        or any(c.isspace() for c in ifname)
-    ):
+    if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/:") or any(c.isspace() for c in ifname):
         raise CniError(
             ERR_INVALID_ENVIRONMENT,
             f"CNI_IFNAME {ifname!r} is not a valid interface name",

@@ -29,7 +29,6 @@ import socket
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from tulle.policy.compiler import EGRESS, INGRESS, PolicyModel
 from tulle.policy.verdict import decide
@@ -225,9 +224,7 @@ def node_addresses() -> list[str]:
         return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS")]
 
 
-def cut_denied_connections(
-    model: PolicyModel, local_ips: Iterable[str], node_ips: Iterable[str] | None = None
-) -> int:
+def cut_denied_connections(model: PolicyModel, local_ips: Iterable[str], node_ips: Iterable[str] | None = None) -> int:
     """Delete the conntrack entries the model now denies; return how many were cut.
 
     Runs in the node's network namespace. node_ips defaults to the addresses of that namespace.

@@ -232,7 +232,8 @@ class ActualTable:
 class NftReconciler:
     """Applies an NftTable to the kernel with minimal, atomic changes.
 
-    >>> NftReconciler().apply(NftTable(chains={"forward": NftChain("forward", (), ("filter", "forward", 0, "accept"))}))  # doctest: +SKIP
+    >>> forward = NftChain("forward", (), ("filter", "forward", 0, "accept"))
+    >>> NftReconciler().apply(NftTable(chains={"forward": forward}))  # doctest: +SKIP
     """
 
     def __init__(self) -> None:
@@ -265,9 +266,7 @@ class NftReconciler:
         for item in data:
             if "chain" in item:
                 c = item["chain"]
-                hook = (
-                    (c["type"], c["hook"], int(c["prio"]), c.get("policy", "accept")) if "hook" in c else None
-                )
+                hook = (c["type"], c["hook"], int(c["prio"]), c.get("policy", "accept")) if "hook" in c else None
                 actual.chains[c["name"]] = (hook, [])
             elif "rule" in item:
                 r = item["rule"]
@@ -275,9 +274,7 @@ class NftReconciler:
             elif "set" in item or "map" in item:
                 raw = item.get("set") or item.get("map")
                 types = raw["type"] if isinstance(raw["type"], list) else [raw["type"]]
-                s = NftSet(
-                    name=raw["name"], type=tuple(types), flags=tuple(raw.get("flags", ())), map=raw.get("map")
-                )
+                s = NftSet(name=raw["name"], type=tuple(types), flags=tuple(raw.get("flags", ())), map=raw.get("map"))
                 elems = []
                 for e in raw.get("elem", []):
                     if isinstance(e, dict) and "elem" in e:
@@ -299,18 +296,14 @@ class NftReconciler:
         """
         ref = _table_ref()
         rebuilt = {
-            n
-            for n, s in desired.sets.items()
-            if n in actual.sets and actual.sets[n].definition() != s.definition()
+            n for n, s in desired.sets.items() if n in actual.sets and actual.sets[n].definition() != s.definition()
         }
         rewrite: list[str] = []  # chains whose rules are sent again
         for name, chain in sorted(desired.chains.items()):
             have = actual.chains.get(name)
             if have is None or have[0] != chain.hook or have[1] != [rule_id(r) for r in chain.rules] or rebuilt:
                 rewrite.append(name)
-        recreate_chains = {
-            n for n in rewrite if n in actual.chains and actual.chains[n][0] != desired.chains[n].hook
-        }
+        recreate_chains = {n for n in rewrite if n in actual.chains and actual.chains[n][0] != desired.chains[n].hook}
         removed_chains = sorted(set(actual.chains) - set(desired.chains))
         removed_sets = sorted((set(actual.sets) - set(desired.sets)) | rebuilt)
 
@@ -322,9 +315,7 @@ class NftReconciler:
         adds: list[dict[str, Any]] = []
         for name, want in sorted(desired.sets.items()):
             elements = canonical_elements(want, want.elements)
-            current = (
-                actual.sets[name].elements if name in actual.sets and name not in rebuilt else frozenset()
-            )
+            current = actual.sets[name].elements if name in actual.sets and name not in rebuilt else frozenset()
             gone, new = current - elements, elements - current
             if gone:
                 elem = [_render_element(want, e) for e in sorted(gone, key=repr)]
@@ -349,9 +340,7 @@ class NftReconciler:
         out.extend(adds)
         for name in rewrite:
             for rule in desired.chains[name].rules:
-                out.append(
-                    {"add": {"rule": {**ref, "chain": name, "expr": list(rule), "comment": rule_id(rule)}}}
-                )
+                out.append({"add": {"rule": {**ref, "chain": name, "expr": list(rule), "comment": rule_id(rule)}}})
         return out
 
     def apply(self, desired: NftTable, verify: bool = True) -> list[dict[str, Any]]:

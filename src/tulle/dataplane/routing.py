@@ -90,6 +90,7 @@ def ensure_vxlan(dev: VxlanDevice) -> list[str]:
                 "vxlan_port": VXLAN_PORT,
                 "vxlan_link": underlay,
                 "vxlan_learning": 0,
+                "vxlan_udp_csum": 0,
                 "address": dev.mac,
                 "mtu": dev.mtu,
             }

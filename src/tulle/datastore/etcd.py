@@ -208,9 +208,7 @@ class EtcdDatastore:
     def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
         parts = urlsplit(endpoint)
         if parts.scheme != "http" or not parts.hostname:
-            raise DatastoreError(
-                f"datastore URL {endpoint!r} is not an etcd URL such as http://127.0.0.1:2379"
-            )
+            raise DatastoreError(f"datastore URL {endpoint!r} is not an etcd URL such as http://127.0.0.1:2379")
         self.endpoint = endpoint
         self.gateway = _Gateway(parts.hostname, parts.port or 2379, timeout)
 
@@ -220,7 +218,9 @@ class EtcdDatastore:
         except (OSError, http.client.HTTPException) as exc:
             raise DatastoreError(f"etcd at {self.endpoint} is unreachable: {exc}") from exc
         if status != 200:
-            raise DatastoreError(f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}")
+            raise DatastoreError(
+                f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}"
+            )
         out: dict[str, Any] = json.loads(data)
         return out
 
@@ -323,9 +323,7 @@ class EtcdDatastore:
             if isinstance(op, PutOp):
                 success.append(self._put_op(op.key, op.value, op.lease))
             elif op.prefix:
-                success.append(
-                    {"request_delete_range": {"key": _b64(op.key), "range_end": _range_end(op.key)}}
-                )
+                success.append({"request_delete_range": {"key": _b64(op.key), "range_end": _range_end(op.key)}})
             else:
                 success.append({"request_delete_range": {"key": _b64(op.key)}})
         if len(compare) > MAX_TXN_OPS or len(success) > MAX_TXN_OPS:

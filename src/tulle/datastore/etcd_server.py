@@ -59,11 +59,10 @@ def start_etcd(
     ]  # fmt: skip
     if netns:
         cmd = ["nsenter", f"--net=/run/netns/{netns}", *cmd]
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    log.close()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     server = EtcdServer(pid=proc.pid, url=url, data_dir=data_dir)
     deadline = time.monotonic() + 20
     probe_error = ""

@@ -197,9 +197,7 @@ class NodeAllocator:
                         continue
                     for address in mine:
                         del block.allocations[address]
-                    if self.datastore.update(
-                        block_key(self.prefix, block.cidr), block.to_json(), block.revision
-                    ):
+                    if self.datastore.update(block_key(self.prefix, block.cidr), block.to_json(), block.revision):
                         released.extend(mine)
                     else:
                         retry = True
@@ -221,8 +219,6 @@ def release_node_blocks(datastore: Datastore, prefix: str, node: str) -> list[st
     """Free every block a node holds (the node is gone); compare-and-swap per block."""
     freed = []
     for block in list_blocks(datastore, prefix):
-        if block.node == node and datastore.delete(
-            block_key(prefix, block.cidr), expected_revision=block.revision
-        ):
+        if block.node == node and datastore.delete(block_key(prefix, block.cidr), expected_revision=block.revision):
             freed.append(str(block.cidr))
     return freed

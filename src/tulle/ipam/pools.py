@@ -67,17 +67,13 @@ def parse_pool(obj: dict[str, Any]) -> Pool:
     try:
         cidr = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
-        raise PoolError(
-            f"IPPool {name}: spec.cidr: Invalid value {raw!r}: must be a network in CIDR form ({exc})"
-        )
+        raise PoolError(f"IPPool {name}: spec.cidr: Invalid value {raw!r}: must be a network in CIDR form ({exc})")
     if "/" not in raw:
         raise PoolError(f"IPPool {name}: spec.cidr: Invalid value {raw!r}: must be a network in CIDR form")
     family = cidr.version
     block_size = spec.get("blockSize", DEFAULT_BLOCK_SIZE[family])
     if not isinstance(block_size, int) or isinstance(block_size, bool):
-        raise PoolError(
-            f"IPPool {name}: spec.blockSize: Invalid value {block_size!r}: must be a whole number"
-        )
+        raise PoolError(f"IPPool {name}: spec.blockSize: Invalid value {block_size!r}: must be a whole number")
     if not cidr.prefixlen <= block_size <= MAX_BLOCK_PREFIX[family]:
         raise PoolError(
             f"IPPool {name}: spec.blockSize: Invalid value {block_size}: must be from the pool's prefix length "

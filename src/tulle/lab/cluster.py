@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tulle.cli.agent_cmd import conflist, write_conflist
+from tulle.dataplane.netns import run_in_netns
 from tulle.datastore.etcd import EtcdDatastore
 from tulle.datastore.etcd_server import pid_alive, start_etcd, stop_pid
-from tulle.dataplane.netns import run_in_netns
 from tulle.ipam.pools import pool_object
 from tulle.lab import state as lab_state
 from tulle.lab import topology
@@ -220,10 +220,16 @@ class Lab:
             "--node-grace",
             str(state["agent"]["nodeGrace"]),
         ]
-        log = open(os.path.join(node_dir, "agent.log"), "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        log.close()
+        with open(os.path.join(node_dir, "agent.log"), "ab") as log:
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         return proc.pid
 
     def agent_call(self, node: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -332,7 +338,10 @@ class Lab:
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {"name": pod, "namespace": namespace, "labels": labels},
-                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox", "ports": ports}]},
+                "spec": {
+                    "nodeName": node,
+                    "containers": [{"name": "main", "image": "busybox", "ports": ports}],
+                },
             }
 
             def write(store: ResourceStore) -> None:
@@ -376,6 +385,8 @@ class Lab:
                 raise LabError(f"--runtime must be cni or podman, not {runtime!r}")
             entry["ips"] = self._pod_addresses(entry["netns"])
             state["pods"][key] = entry
+            host_ip = record["addresses"][0]
+            self.with_store(state, lambda store: _mark_running(store, namespace, pod, entry["ips"], host_ip))
             return {"pod": key, "node": node, "ips": entry["ips"]}
 
     @staticmethod
@@ -445,7 +456,13 @@ class Lab:
                 }
             )
         pods = [
-            {"pod": key, "node": p["node"], "ips": p.get("ips", []), "runtime": p["runtime"], "netns": p["netns"]}
+            {
+                "pod": key,
+                "node": p["node"],
+                "ips": p.get("ips", []),
+                "runtime": p["runtime"],
+                "netns": p["netns"],
+            }
             for key, p in sorted(state["pods"].items())
         ]
         return {
@@ -456,6 +473,22 @@ class Lab:
             "pods": pods,
             "external": state.get("external", {}),
         }
+
+
+def _mark_running(store: ResourceStore, namespace: str, pod: str, ips: list[str], host_ip: str) -> None:
+    """What the kubelet reports once the sandbox has its network: phase and addresses."""
+    obj = store.get(POD, pod, namespace)
+    if obj is None:
+        return
+    obj["status"] = {
+        "phase": "Running",
+        "hostIP": host_ip,
+        "podIP": ips[0] if ips else "",
+        "podIPs": [{"ip": ip} for ip in ips],
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "containerStatuses": [{"name": "main", "ready": True, "restartCount": 0, "started": True}],
+    }
+    store.update(obj)
 
 
 def _admit(obj: dict[str, Any], store: ResourceStore) -> dict[str, Any]:

@@ -57,12 +57,7 @@ class Podman:
                 f'network_config_dir = "{cni_conf_dir}"\n'
             )
         with open(self.storage_conf, "w") as f:
-            f.write(
-                "[storage]\n"
-                'driver = "vfs"\n'
-                f'graphroot = "{self.dir}/storage"\n'
-                f'runroot = "{self.dir}/run"\n'
-            )
+            f.write(f'[storage]\ndriver = "vfs"\ngraphroot = "{self.dir}/storage"\nrunroot = "{self.dir}/run"\n')
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, CONTAINERS_CONF=self.conf, CONTAINERS_STORAGE_CONF=self.storage_conf)

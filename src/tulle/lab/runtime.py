@@ -48,7 +48,9 @@ def exec_plugin(
     host_netns: str | None = None,
 ) -> Invocation:
     """Run one plugin as the CNI spec says: the command in the environment, the config on stdin."""
-    binary = next((os.path.join(d, plugin_type) for d in cni_path if os.path.exists(os.path.join(d, plugin_type))), None)
+    binary = next(
+        (os.path.join(d, plugin_type) for d in cni_path if os.path.exists(os.path.join(d, plugin_type))), None
+    )
     if binary is None:
         raise FileNotFoundError(f"CNI plugin {plugin_type!r} not found in {':'.join(cni_path)}")
     env = {

@@ -79,6 +79,12 @@ class Names:
     def bridge(self, subnet: int) -> str:
         return f"{self.lab}-br{subnet}"
 
+    def router_port(self, subnet: int) -> str:
+        return f"{self.lab}-r{subnet}"
+
+    def router_leg(self, subnet: int) -> str:
+        return f"{self.lab}-g{subnet}"
+
     def uplink_outer(self, index: int) -> str:
         return f"{self.lab}-n{index}"
 
@@ -100,21 +106,44 @@ def node_addresses(subnet: int, index: int) -> tuple[str, str]:
 
 
 def create_underlay(names: Names) -> None:
+    """Two switches (bridges) and a router between them, all in the underlay namespace.
+
+    The router's leg into each switch is a veth pair (one end a bridge port, the other end
+    holding the gateway address), not an address on the bridge: a bridge device cannot pass
+    GSO UDP-tunnel packets on, so routing out through one would cut every VXLAN super-packet
+    into MTU-sized pieces (measured: 2.6 instead of 8.7 Gbit/s); a veth passes them whole."""
     add_netns(names.underlay)
     sysctl(names.underlay, "net.ipv4.ip_forward", "1")
     sysctl(names.underlay, "net.ipv6.conf.all.forwarding", "1")
     for subnet in (1, 2):
         br = names.bridge(subnet)
+        port, gateway = names.router_port(subnet), names.router_leg(subnet)
         ip("link", "add", br, "type", "bridge", netns=names.underlay)
-        ip("addr", "add", f"{subnet_v4(subnet)}.1/24", "dev", br, netns=names.underlay)
-        ip("addr", "add", f"fd30:{subnet}::1/64", "dev", br, "nodad", netns=names.underlay)
         ip("link", "set", br, "up", netns=names.underlay)
+        ip("link", "add", port, "type", "veth", "peer", "name", gateway, netns=names.underlay)
+        ip("link", "set", port, "master", br, "up", netns=names.underlay)
+        ip("addr", "add", f"{subnet_v4(subnet)}.1/24", "dev", gateway, netns=names.underlay)
+        ip("addr", "add", f"fd30:{subnet}::1/64", "dev", gateway, "nodad", netns=names.underlay)
+        ip("link", "set", gateway, "up", netns=names.underlay)
 
 
 def create_external(names: Names) -> tuple[str, str]:
     add_netns(names.external)
     outer, inner = names.external_outer, names.uplink
-    ip("link", "add", outer, "netns", names.underlay, "type", "veth", "peer", "name", inner, "netns", names.external)
+    ip(
+        "link",
+        "add",
+        outer,
+        "netns",
+        names.underlay,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        inner,
+        "netns",
+        names.external,
+    )
     ip("addr", "add", f"172.30.{EXT_SUBNET}.1/24", "dev", outer, netns=names.underlay)
     ip("addr", "add", f"fd30:{EXT_SUBNET}::1/64", "dev", outer, "nodad", netns=names.underlay)
     ip("link", "set", outer, "up", netns=names.underlay)

@@ -21,13 +21,9 @@ class Kind:
 NAMESPACE = Kind("Namespace", "v1", "namespaces", "namespace", ("ns",), False)
 POD = Kind("Pod", "v1", "pods", "pod", ("po",), True)
 NODE = Kind("Node", "v1", "nodes", "node", ("no",), False)
-NETWORK_POLICY = Kind(
-    "NetworkPolicy", "networking.k8s.io/v1", "networkpolicies", "networkpolicy", ("netpol",), True
-)
+NETWORK_POLICY = Kind("NetworkPolicy", "networking.k8s.io/v1", "networkpolicies", "networkpolicy", ("netpol",), True)
 IP_POOL = Kind("IPPool", "tulle.dev/v1", "ippools", "ippool", ("pool",), False)
-WORKLOAD_ENDPOINT = Kind(
-    "WorkloadEndpoint", "tulle.dev/v1", "workloadendpoints", "workloadendpoint", ("wep",), True
-)
+WORKLOAD_ENDPOINT = Kind("WorkloadEndpoint", "tulle.dev/v1", "workloadendpoints", "workloadendpoint", ("wep",), True)
 
 KINDS: tuple[Kind, ...] = (NAMESPACE, POD, NODE, NETWORK_POLICY, IP_POOL, WORKLOAD_ENDPOINT)
 _BY_NAME = {name: kind for kind in KINDS for name in kind.names()}

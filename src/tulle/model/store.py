@@ -156,7 +156,9 @@ class ResourceStore:
         kind = by_kind(obj["kind"])
         assert kind is not None, obj["kind"]
         meta = obj["metadata"]
-        return self.datastore.put(self.key(kind, meta["name"], meta.get("namespace")), _encode(self._complete(obj)), lease=lease)
+        return self.datastore.put(
+            self.key(kind, meta["name"], meta.get("namespace")), _encode(self._complete(obj)), lease=lease
+        )
 
     def update(self, obj: Obj, lease: int = 0) -> Obj:
         """Replace the object; compare-and-swap on metadata.resourceVersion when it is set."""

@@ -465,9 +465,7 @@ class _Errors(list[FieldError]):
             values = self.array(expr.get("values"), f"{here}.values")
             if operator in ("In", "NotIn"):
                 if not values:
-                    self.append(
-                        required(f"{here}.values", "must be specified when `operator` is 'In' or 'NotIn'")
-                    )
+                    self.append(required(f"{here}.values", "must be specified when `operator` is 'In' or 'NotIn'"))
             elif operator in ("Exists", "DoesNotExist"):
                 if values:
                     self.append(
@@ -527,9 +525,7 @@ def _default(obj: Obj, kind: Kind) -> Obj:
         if not spec.get("policyTypes"):
             # SetDefaults_NetworkPolicy: Ingress always, Egress when there are egress rules
             egress = spec.get("egress")
-            spec["policyTypes"] = (
-                ["Ingress", "Egress"] if isinstance(egress, list) and egress else ["Ingress"]
-            )
+            spec["policyTypes"] = ["Ingress", "Egress"] if isinstance(egress, list) and egress else ["Ingress"]
     elif kind is IP_POOL and isinstance(spec, dict) and spec.get("blockSize") is None:
         # written down, so that a later change of the default cannot change a pool's blocks
         try:
@@ -565,9 +561,7 @@ def _validate_meta(meta: dict[str, Any], kind: Kind, errs: _Errors) -> None:
             size += len(key) + len(val)
     if size > MAX_ANNOTATIONS_BYTES:
         errs.append(
-            FieldError(
-                TOO_LONG, "metadata.annotations", detail=f"must have at most {MAX_ANNOTATIONS_BYTES} bytes"
-            )
+            FieldError(TOO_LONG, "metadata.annotations", detail=f"must have at most {MAX_ANNOTATIONS_BYTES} bytes")
         )
 
 
@@ -694,9 +688,7 @@ def _validate_ip_block(block: dict[str, Any], path: str, errs: _Errors) -> None:
 
 def _validate_peer(raw: Any, path: str, errs: _Errors) -> None:
     peer = errs.object(raw, path) or {}
-    present = [
-        field for field in ("podSelector", "namespaceSelector", "ipBlock") if peer.get(field) is not None
-    ]
+    present = [field for field in ("podSelector", "namespaceSelector", "ipBlock") if peer.get(field) is not None]
     if "podSelector" in present:
         errs.selector(peer["podSelector"], f"{path}.podSelector")
     if "namespaceSelector" in present:
@@ -803,15 +795,11 @@ def _validate(obj: Obj, kind: Kind) -> tuple[_Errors, Pool | None]:
 
 def _kind_of(obj: Any) -> Kind:
     if not isinstance(obj, dict):
-        raise AdmissionError(
-            "BadRequest", f"an object must be a mapping with apiVersion and kind, not {_show(obj)}"
-        )
+        raise AdmissionError("BadRequest", f"an object must be a mapping with apiVersion and kind, not {_show(obj)}")
     api_version, kind_name = obj.get("apiVersion"), obj.get("kind")
     missing = [name for name, value in (("apiVersion", api_version), ("kind", kind_name)) if not value]
     if missing:
-        raise AdmissionError(
-            "BadRequest", f"error validating data: [{', '.join(f'{m} not set' for m in missing)}]"
-        )
+        raise AdmissionError("BadRequest", f"error validating data: [{', '.join(f'{m} not set' for m in missing)}]")
     kind = by_kind(kind_name) if isinstance(kind_name, str) else None
     if kind is None or kind.api_version != api_version:
         raise AdmissionError("BadRequest", f'no matches for kind "{kind_name}" in version "{api_version}"')
@@ -900,9 +888,7 @@ def _check_against(
         if kind is IP_POOL and pool is not None:
             if stored_pools is None:
                 listed, _ = store.list(IP_POOL)
-                stored_pools = [
-                    p for p in map(_stored_pool, listed) if p is not None and p.name not in batch_pools
-                ]
+                stored_pools = [p for p in map(_stored_pool, listed) if p is not None and p.name not in batch_pools]
             field_errors = _pool_update_errors(pool, store.get(IP_POOL, pool.name))
             for other in [*stored_pools, *earlier_pools]:
                 try:
@@ -922,9 +908,7 @@ def _pool_update_errors(pool: Pool, current: Obj | None) -> list[FieldError]:
     errs = []
     if old.cidr != pool.cidr:
         errs.append(
-            invalid(
-                "spec.cidr", str(pool.cidr), f"field is immutable: addresses are handed out from {old.cidr}"
-            )
+            invalid("spec.cidr", str(pool.cidr), f"field is immutable: addresses are handed out from {old.cidr}")
         )
     if old.block_size != pool.block_size:
         errs.append(
@@ -954,10 +938,7 @@ def admit(obj: Any, store: Reader | None = None) -> Obj:
 
 def system_namespaces() -> list[Obj]:
     """The Namespaces every cluster has, defaulted, for whoever sets up a datastore to write."""
-    return [
-        admit({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        for name in SYSTEM_NAMESPACES
-    ]
+    return [admit({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}) for name in SYSTEM_NAMESPACES]
 
 
 def check_delete(kind: Kind, name: str) -> None:
@@ -970,6 +951,4 @@ def check_delete(kind: Kind, name: str) -> None:
     tulle.model.validation.AdmissionError: namespaces "default" is forbidden: ...
     """
     if kind is NAMESPACE and name in SYSTEM_NAMESPACES:
-        raise AdmissionError(
-            "Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted'
-        )
+        raise AdmissionError("Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted')

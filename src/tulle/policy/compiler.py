@@ -217,9 +217,7 @@ class _Selection:
             self._namespaces[selector] = found
         return found
 
-    def pods(
-        self, namespace: str | None, namespace_selector: LabelSelector | None, pods: LabelSelector
-    ) -> int:
+    def pods(self, namespace: str | None, namespace_selector: LabelSelector | None, pods: LabelSelector) -> int:
         if namespace_selector is None:
             scope = self._in_namespace.get(namespace or "", 0)
         else:
@@ -244,9 +242,7 @@ def cidr_intervals(peer: CidrPeer) -> list[tuple[int, int]]:
     net = ipaddress.ip_network(peer.cidr)
     out: list[tuple[int, int]] = []
     position = int(net.network_address)
-    holes = sorted(
-        (int(e.network_address), int(e.broadcast_address)) for e in map(ipaddress.ip_network, peer.excepts)
-    )
+    holes = sorted((int(e.network_address), int(e.broadcast_address)) for e in map(ipaddress.ip_network, peer.excepts))
     for lo, hi in holes:
         if lo > position:
             out.append((position, lo - 1))
@@ -328,9 +324,7 @@ def _assign_atoms(
     return assigned
 
 
-def _atom_table(
-    family: int, pieces: list[tuple[int, int, Signature]], ids: Mapping[Signature, int]
-) -> AtomTable:
+def _atom_table(family: int, pieces: list[tuple[int, int, Signature]], ids: Mapping[Signature, int]) -> AtomTable:
     starts: list[int] = []
     lasts: list[int] = []
     atoms: list[int] = []
@@ -353,9 +347,7 @@ def _port(entry: PortEntry) -> CompiledPort:
         return CompiledPort(entry.protocol, name=entry.name)
     if entry.port is None:
         return CompiledPort(entry.protocol)
-    return CompiledPort(
-        entry.protocol, entry.port, entry.end_port if entry.end_port is not None else entry.port
-    )
+    return CompiledPort(entry.protocol, entry.port, entry.end_port if entry.end_port is not None else entry.port)
 
 
 class _RuleCompiler:

@@ -311,9 +311,7 @@ def policy_table(model: PolicyModel, local_ips: Iterable[str]) -> NftTable:
                 if atom in allowed.peer_all:
                     continue
                 for lo, hi in merge_ranges(ranges):
-                    add(
-                        f"{d}_peer_ports_{v}", ((key, key), _mark_range(atom), (protocol, protocol), (lo, hi))
-                    )
+                    add(f"{d}_peer_ports_{v}", ((key, key), _mark_range(atom), (protocol, protocol), (lo, hi)))
     sets: dict[str, NftSet] = {}
     for family in FAMILIES:
         for name, s in _sets(family).items():

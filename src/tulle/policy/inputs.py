@@ -145,9 +145,7 @@ class PolicyInputs:
 
 def _labels(meta: Mapping[str, Any], where: str) -> Labels:
     labels = meta.get("labels") or {}
-    if not isinstance(labels, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-    ):
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise Malformed(f"{where}: metadata.labels must map strings to strings")
     return tuple(sorted(labels.items()))
 
@@ -338,14 +336,10 @@ def _port(obj: Any, where: str) -> PortEntry:
     return PortEntry(protocol, port, end)
 
 
-def _rules(
-    spec: Mapping[str, Any], section: str, namespace: str, where: str, warnings: list[str]
-) -> tuple[Rule, ...]:
+def _rules(spec: Mapping[str, Any], section: str, namespace: str, where: str, warnings: list[str]) -> tuple[Rule, ...]:
     raw = spec.get(section) or []
     if not isinstance(raw, list):
-        warnings.append(
-            f"{where}: spec.{section} must be a list; the policy allows nothing in that direction"
-        )
+        warnings.append(f"{where}: spec.{section} must be a list; the policy allows nothing in that direction")
         return ()
     peers_field = "from" if section == "ingress" else "to"
     out: list[Rule] = []

@@ -113,9 +113,7 @@ class DirectionTrace:
             "pod": v.pod,
             "status": self.status(),
             "isolatedBy": list(v.isolating),
-            "allowedBy": [
-                {"policy": c.policy, "index": c.index, "rule": c.text} for c in self.checks if c.allows
-            ],
+            "allowedBy": [{"policy": c.policy, "index": c.index, "rule": c.text} for c in self.checks if c.allows],
             "rules": [
                 {
                     "policy": c.policy,

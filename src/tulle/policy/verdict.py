@@ -71,9 +71,7 @@ def port_ranges(ports: Iterable[CompiledPort], resolution: Resolution) -> list[t
             out.append((p.protocol, p.first, p.last))
             continue
         out.extend(
-            (p.protocol, n, n)
-            for name, proto, n in sorted(resolution)
-            if name == p.name and proto == p.protocol
+            (p.protocol, n, n) for name, proto, n in sorted(resolution) if name == p.name and proto == p.protocol
         )
     return out
 

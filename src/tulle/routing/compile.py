@@ -113,9 +113,7 @@ def on_local_subnet(local: LocalNode, address: str) -> bool:
     )
 
 
-def compile_routing(
-    local: LocalNode, nodes: Iterable[NodeInfo], blocks: Iterable[BlockInfo]
-) -> DesiredRouting:
+def compile_routing(local: LocalNode, nodes: Iterable[NodeInfo], blocks: Iterable[BlockInfo]) -> DesiredRouting:
     """The routes, neighbours and FDB entries this node needs to reach every other node's pods."""
     if local.mode not in MODES:
         raise ValueError(f"routing mode {local.mode!r} is not one of {', '.join(MODES)}")

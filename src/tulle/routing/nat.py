@@ -15,8 +15,20 @@ POOLS_SET = {4: "pools_v4", 6: "pools_v6"}
 def _masquerade_rule(family: int) -> tuple[dict[str, Any], ...]:
     proto = "ip" if family == 4 else "ip6"
     return (
-        {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "saddr"}}, "right": f"@{POOLS_SET[family]}"}},
-        {"match": {"op": "!=", "left": {"payload": {"protocol": proto, "field": "daddr"}}, "right": f"@{POOLS_SET[family]}"}},
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": proto, "field": "saddr"}},
+                "right": f"@{POOLS_SET[family]}",
+            }
+        },
+        {
+            "match": {
+                "op": "!=",
+                "left": {"payload": {"protocol": proto, "field": "daddr"}},
+                "right": f"@{POOLS_SET[family]}",
+            }
+        },
         {"masquerade": None},
     )
 

@@ -18,6 +18,7 @@ a missing namespace raises.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import selectors
@@ -77,7 +78,7 @@ class ServerSet:
             raise RuntimeError("this ServerSet is already started; stop() it first")
         try:
             for path in self._paths:
-                self._sockets.extend(run_in_netns(path, lambda path=path: self._open_listeners(path)))
+                self._sockets.extend(run_in_netns(path, functools.partial(self._open_listeners, path)))
             self._selector = selectors.DefaultSelector()
             self._wake = socket.socketpair()
             self._selector.register(self._wake[0], selectors.EVENT_READ, None)
@@ -278,7 +279,6 @@ def probe_matrix(
         return {}
     with ThreadPoolExecutor(max_workers=len(pairs), thread_name_prefix="probe") as pool:
         futures = {
-            (src, dst): pool.submit(prober, pods[src], addresses[dst], port, protocol, timeout)
-            for src, dst in pairs
+            (src, dst): pool.submit(prober, pods[src], addresses[dst], port, protocol, timeout) for src, dst in pairs
         }
         return {pair: future.result() for pair, future in futures.items()}
