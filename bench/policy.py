@@ -34,7 +34,7 @@ from .common import bench_name, iperf3_gbits, median, sockperf_rr, table, verdic
 POLICIES = 1000
 PODS = 5000
 NAMESPACES = 50
-CHUNK = 100  # objects per atomic write (etcd allows 128 operations a transaction)
+CHUNK = 40  # objects per atomic write: etcd allows 128 writes and 128 conditions a transaction
 
 
 def synthetic_objects() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:

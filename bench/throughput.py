@@ -19,7 +19,7 @@ from .baseline import direct_veth_pair
 from .common import Latency, bench_name, iperf3_gbits, sockperf_rr, table, verdict
 
 TARGETS = {"host-gw": 0.95, "vxlan": 0.85, "hybrid (direct pair)": 0.95, "hybrid (vxlan pair)": 0.85}
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _lab_paths(lab: Lab, mode: str) -> dict[str, tuple[str, str, str]]:

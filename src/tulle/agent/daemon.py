@@ -55,6 +55,7 @@ from tulle.routing.compile import (
     vxlan_mac,
 )
 from tulle.routing.nat import nat_table
+from tulle.routing.untracked import tunnel_notrack_table
 
 log = logging.getLogger("tulle.agent")
 
@@ -600,7 +601,10 @@ class Agent:
 
     def _apply_nft_locked(self, snap: Snapshot, verify: bool = False) -> list[dict[str, Any]]:
         self._policy_pass_started = time.monotonic()
-        commands = self.nft.apply(nat_table(self.pools).merge(self._policy_table(snap)), verify=verify)
+        table = nat_table(self.pools).merge(self._policy_table(snap))
+        if self.config.mode != "host-gw":
+            table = table.merge(tunnel_notrack_table())
+        commands = self.nft.apply(table, verify=verify)
         self.cut_denied()
         return commands
 
