@@ -9,8 +9,6 @@ a sample of scenarios runs in host-gw and vxlan mode.
 
 from __future__ import annotations
 
-import secrets
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,9 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tulle.dataplane.netns import run_in_netns
 from tulle.lab.cluster import Lab
-from tulle.lab.probe import ServerSet, probe_matrix
+from tulle.lab.probe import ServerSet, probe_matrix, sctp_init_seen
 from tulle.model.kinds import NAMESPACE, NETWORK_POLICY, POD, WORKLOAD_ENDPOINT, lookup
 from tulle.model.store import ResourceStore
 from tulle.model.validation import admit, admit_all
@@ -205,32 +202,6 @@ def test_sample_in_other_modes(mode: str) -> None:
 # -- SCTP: no SCTP sockets on this kernel, so crafted packets, seen or not at the destination --
 
 
-def _sctp_init_seen(src_netns: str, dst_netns: str, dst: str, port: int, family: int) -> bool:
-    from scapy.layers.sctp import SCTP, SCTPChunkInit
-
-    af = socket.AF_INET if family == 4 else socket.AF_INET6
-    packet = bytes(SCTP(sport=40000, dport=port, tag=0) / SCTPChunkInit(init_tag=secrets.randbits(31) | 1, init_tsn=1))
-    sniffer = run_in_netns(dst_netns, lambda: socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_SCTP))
-    sniffer.settimeout(0.5)
-    try:
-
-        def send() -> None:
-            with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_SCTP) as s:
-                s.sendto(packet, (dst, 0))
-
-        run_in_netns(src_netns, send)
-        try:
-            while True:
-                data = sniffer.recv(2048)
-                payload = data[(data[0] & 0x0F) * 4 :] if family == 4 else data
-                if payload[2:4] == port.to_bytes(2, "big") and payload[12] == 1:  # INIT chunk
-                    return True
-        except TimeoutError:
-            return False
-    finally:
-        sniffer.close()
-
-
 @pytest.mark.parametrize("family", [4, 6])
 def test_sctp_rule_across_nodes(cluster: LabCluster, family: int) -> None:
     """x/a (node1) admits SCTP/80 from pods labelled pod=b (node2) only; x/c (node3) is refused,
@@ -239,7 +210,7 @@ def test_sctp_rule_across_nodes(cluster: LabCluster, family: int) -> None:
     a = cluster.address("x/a", family)
 
     def seen(src: str, port: int) -> bool:
-        return any(_sctp_init_seen(cluster.netns[src], cluster.netns["x/a"], a, port, family) for _ in range(3))
+        return any(sctp_init_seen(cluster.netns[src], cluster.netns["x/a"], a, port) for _ in range(3))
 
     assert seen("x/c", 80) and seen("x/b", 81)
     cluster.apply(
@@ -259,5 +230,5 @@ spec:
         time.sleep(0.2)
     assert seen("x/b", 80)
     assert not seen("x/c", 80)
-    assert not _sctp_init_seen(cluster.netns["x/b"], cluster.netns["x/a"], a, 81, family)
+    assert not sctp_init_seen(cluster.netns["x/b"], cluster.netns["x/a"], a, 81)
     cluster.reset()

@@ -23,6 +23,7 @@ from tulle.dataplane import podnet
 from tulle.dataplane.conntrack import cut_denied_connections, list_connections
 from tulle.dataplane.netns import run_in_netns
 from tulle.dataplane.nft import NftReconciler
+from tulle.lab.probe import sctp_init_seen
 from tulle.policy.compiler import EGRESS, INGRESS, PolicyModel, compile_policies
 from tulle.policy.datapath import counter_name, policy_table
 from tulle.policy.inputs import inputs_from_objects
@@ -221,29 +222,7 @@ def exchange(client: socket.socket, server: socket.socket) -> bool:
 
 def sctp_init_reaches(src: Pod, family: int, dst: Pod, port: int) -> bool:
     """Send a crafted SCTP INIT from src and look for it on a raw socket at dst."""
-    from scapy.layers.sctp import SCTP, SCTPChunkInit
-
-    vtag = secrets.randbits(31) | 1
-    packet = bytes(SCTP(sport=40000 + port % 1000, dport=port, tag=0) / SCTPChunkInit(init_tag=vtag, init_tsn=1))
-    sniffer = run_in_netns(dst.netns, lambda: socket.socket(_family(family), socket.SOCK_RAW, socket.IPPROTO_SCTP))
-    sniffer.settimeout(DENIED_WAIT)
-    try:
-
-        def send() -> None:
-            with socket.socket(_family(family), socket.SOCK_RAW, socket.IPPROTO_SCTP) as s:
-                s.sendto(packet, (src.address(family) and dst.address(family), 0))
-
-        run_in_netns(src.netns, send)
-        try:
-            while True:
-                data = sniffer.recv(2048)
-                payload = data[(data[0] & 0x0F) * 4 :] if family == 4 else data
-                if payload[2:4] == port.to_bytes(2, "big") and payload[12] == 1:  # chunk type 1: INIT
-                    return True
-        except TimeoutError:
-            return False
-    finally:
-        sniffer.close()
+    return sctp_init_seen(src.netns, dst.netns, dst.address(family), port, DENIED_WAIT)
 
 
 # -- tests ---------------------------------------------------------------------------------------

@@ -282,3 +282,38 @@ def probe_matrix(
             (src, dst): pool.submit(prober, pods[src], addresses[dst], port, protocol, timeout) for src, dst in pairs
         }
         return {pair: future.result() for pair, future in futures.items()}
+
+
+def sctp_init_seen(src_netns_path: str, dst_netns_path: str, dst_ip: str, port: int, timeout: float = 0.5) -> bool:
+    """Send a crafted SCTP INIT from one namespace and look for it on a raw socket in another.
+
+    This kernel has no SCTP sockets, so SCTP traffic can only be crafted (scapy builds the
+    packet) and observed raw; True if the INIT arrived at the destination namespace.
+    """
+    import secrets
+
+    from scapy.layers.sctp import SCTP, SCTPChunkInit
+
+    family = ipaddress.ip_address(dst_ip).version
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    chunk = SCTPChunkInit(init_tag=secrets.randbits(31) | 1, init_tsn=1)
+    packet = bytes(SCTP(sport=40000 + port % 1000, dport=port, tag=0) / chunk)
+    sniffer = run_in_netns(dst_netns_path, lambda: socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_SCTP))
+    sniffer.settimeout(timeout)
+    try:
+
+        def send() -> None:
+            with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_SCTP) as s:
+                s.sendto(packet, (dst_ip, 0))
+
+        run_in_netns(src_netns_path, send)
+        try:
+            while True:
+                data = sniffer.recv(2048)
+                payload = data[(data[0] & 0x0F) * 4 :] if family == 4 else data  # raw IPv4 includes the header
+                if payload[2:4] == port.to_bytes(2, "big") and payload[12] == 1:  # chunk type 1: INIT
+                    return True
+        except TimeoutError:
+            return False
+    finally:
+        sniffer.close()
