@@ -216,6 +216,17 @@ def dns1123_subdomain(value: str) -> list[str]:
     return errs
 
 
+def _qualified_name_error() -> str:
+    return _regex_error(
+        "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
+        "alphanumeric character",
+        _QUALIFIED_NAME_FMT,
+        "MyName",
+        "my.name",
+        "123-abc",
+    )
+
+
 def qualified_name(value: str) -> list[str]:
     """Why value is not a label key (`name` or `dns.subdomain/name`); [] if it is."""
     errs: list[str] = []
@@ -231,14 +242,7 @@ def qualified_name(value: str) -> list[str]:
     else:
         return [
             "a qualified name "
-            + _regex_error(
-                "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
-                "alphanumeric character",
-                _QUALIFIED_NAME_FMT,
-                "MyName",
-                "my.name",
-                "123-abc",
-            )
+            + _qualified_name_error()
             + " with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')"
         ]
     if not name:
@@ -246,17 +250,7 @@ def qualified_name(value: str) -> list[str]:
     elif len(name) > 63:
         errs.append(f"name part {_max_len(63)}")
     if not _matches(_QUALIFIED_NAME_FMT, name):
-        errs.append(
-            "name part "
-            + _regex_error(
-                "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
-                "alphanumeric character",
-                _QUALIFIED_NAME_FMT,
-                "MyName",
-                "my.name",
-                "123-abc",
-            )
-        )
+        errs.append("name part " + _qualified_name_error())
     return errs
 
 
