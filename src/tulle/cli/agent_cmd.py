@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
 from typing import Any
 
 from tulle.cli.common import UserError
+from tulle.cni.conflist import conflist, write_conflist
 
 DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
 DEFAULT_CNI_CONF_DIR = "/etc/cni/net.d"
@@ -68,29 +68,6 @@ def plugin_binary() -> str:
     path = os.path.normpath(os.path.join(here, "..", "..", "..", "bin", "cni", "tulle"))
     if not os.path.exists(path):
         raise UserError(f"the CNI plugin is not built: run `make cni` (expected {path})")
-    return path
-
-
-def conflist(network: str, socket_path: str, state_dir: str, cni_version: str = "1.0.0") -> dict[str, Any]:
-    """The network configuration list: tulle first, portmap after it (chained)."""
-    return {
-        "cniVersion": cni_version,
-        "name": network,
-        "plugins": [
-            {"type": "tulle", "agentSocket": socket_path, "stateDir": state_dir},
-            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-        ],
-    }
-
-
-def write_conflist(conf_dir: str, data: dict[str, Any], filename: str = "10-tulle.conflist") -> str:
-    os.makedirs(conf_dir, exist_ok=True)
-    path = os.path.join(conf_dir, filename)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
     return path
 
 

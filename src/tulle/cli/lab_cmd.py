@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tulle.cli.common import UserError, print_json, print_table
@@ -77,16 +79,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=status)
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from tulle.lab.demo import run_demo as demo
-
-    try:
-        demo(args.name, args.mode, args.keep)
-    except _errors() as exc:
-        raise UserError(str(exc))
-    return 0
-
-
 def _lab(name: str) -> Any:
     from tulle.lab.cluster import Lab, LabError
 
@@ -102,8 +94,30 @@ def _errors() -> tuple[type[BaseException], ...]:
     from tulle.lab.runtime import CniFailure
     from tulle.lab.state import LabNotFound
     from tulle.lab.topology import TopologyError
+    from tulle.model.validation import AdmissionError, ValidationError
 
-    return (LabError, LabNotFound, TopologyError, CniFailure, PodmanError)
+    return (LabError, LabNotFound, TopologyError, CniFailure, PodmanError, AdmissionError, ValidationError)
+
+
+def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """What goes wrong in a lab command is the user's to fix: `error: ...`, exit status 1."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except _errors() as exc:
+            raise UserError(str(exc))
+
+    return run
+
+
+@_user_errors
+def run_demo(args: argparse.Namespace) -> int:
+    from tulle.lab.demo import run_demo as demo
+
+    demo(args.name, args.mode, args.keep)
+    return 0
 
 
 def _progress(enabled: bool) -> Any:
@@ -148,29 +162,23 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def node_add(args: argparse.Namespace) -> int:
-    try:
-        record = _lab(args.name).add_node(args.node)
-    except _errors() as exc:
-        raise UserError(str(exc))
+    record = _lab(args.name).add_node(args.node)
     print(f"node {args.node} added ({', '.join(record['addresses'])})")
     return 0
 
 
+@_user_errors
 def node_del(args: argparse.Namespace) -> int:
-    try:
-        _lab(args.name).del_node(args.node)
-    except _errors() as exc:
-        raise UserError(str(exc))
+    _lab(args.name).del_node(args.node)
     print(f"node {args.node} removed")
     return 0
 
 
+@_user_errors
 def node_restart_agent(args: argparse.Namespace) -> int:
-    try:
-        pid = _lab(args.name).restart_agent(args.node)
-    except _errors() as exc:
-        raise UserError(str(exc))
+    pid = _lab(args.name).restart_agent(args.node)
     print(f"agent of {args.node} restarted (pid {pid})")
     return 0
 
@@ -194,23 +202,12 @@ def parse_labels(values: list[str]) -> dict[str, str]:
     return labels
 
 
+@_user_errors
 def pod_add(args: argparse.Namespace) -> int:
     namespace, pod = _split_pod(args.pod)
-    try:
-        out = _lab(args.name).add_pod(
-            args.node,
-            namespace,
-            pod,
-            parse_labels(args.label),
-            [parse_port(p) for p in args.port],
-            args.runtime,
-        )
-    except _errors() as exc:
-        raise UserError(str(exc))
-    except Exception as exc:
-        if type(exc).__name__ == "ValidationError":
-            raise UserError(str(exc))
-        raise
+    out = _lab(args.name).add_pod(
+        args.node, namespace, pod, parse_labels(args.label), [parse_port(p) for p in args.port], args.runtime
+    )
     if args.json:
         print_json(out)
     else:
@@ -218,16 +215,15 @@ def pod_add(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def pod_del(args: argparse.Namespace) -> int:
     namespace, pod = _split_pod(args.pod)
-    try:
-        _lab(args.name).del_pod(namespace, pod)
-    except _errors() as exc:
-        raise UserError(str(exc))
+    _lab(args.name).del_pod(namespace, pod)
     print(f"pod {args.pod} deleted")
     return 0
 
 
+@_user_errors
 def exec_in_pod(args: argparse.Namespace) -> int:
     namespace, pod = _split_pod(args.pod)
     cmd = list(args.cmd)
@@ -235,21 +231,16 @@ def exec_in_pod(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UserError("give the command after --, e.g. tulle lab exec demo default/a -- ping -c1 10.244.0.5")
-    try:
-        netns = _lab(args.name).pod_netns(namespace, pod)
-    except _errors() as exc:
-        raise UserError(str(exc))
+    netns = _lab(args.name).pod_netns(namespace, pod)
     sys.stdout.flush()
     # exec: stdin, stdout, stderr and the exit status are the command's own.
     os.execvp("nsenter", ["nsenter", f"--net={netns}", *cmd])
     return 127
 
 
+@_user_errors
 def status(args: argparse.Namespace) -> int:
-    try:
-        info = _lab(args.name).status()
-    except _errors() as exc:
-        raise UserError(str(exc))
+    info = _lab(args.name).status()
     if args.json:
         print_json(info)
         return 0

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tulle.cli.agent_cmd import conflist, write_conflist
+from tulle.cni.conflist import conflist, write_conflist
 from tulle.dataplane.netns import run_in_netns
 from tulle.datastore.etcd import EtcdDatastore
 from tulle.datastore.etcd_server import pid_alive, start_etcd, stop_pid
