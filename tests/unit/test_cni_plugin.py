@@ -235,3 +235,43 @@ def test_cni_args_parse() -> None:
     }
     with pytest.raises(CniError):
         spec.parse_cni_args("novalue")
+
+
+def test_a_full_listen_queue_is_waited_on_not_reported_as_agent_down(tmp_path: Path) -> None:
+    """A runtime's burst of ADDs fills the agent's listen queue; the plugin must queue up, not fail."""
+    import socket
+    import threading
+    import time
+
+    from tulle.cni.plugin import call_agent
+
+    path = str(tmp_path / "agent.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    queued = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+    for sock in queued:
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            pass  # the queue is full: exactly the state under test
+
+    def answer_late() -> None:
+        time.sleep(0.3)
+        for sock in queued:
+            sock.close()  # the earlier callers give up; the plugin's connection is still to come
+        while True:
+            conn, _ = server.accept()
+            request = b""
+            while chunk := conn.recv(65536):
+                request += chunk
+            if request:
+                conn.sendall(json.dumps({"echo": json.loads(request)}).encode())
+            conn.close()
+
+    threading.Thread(target=answer_late, daemon=True).start()
+    try:
+        assert call_agent(path, {"command": "ADD"}, timeout=5) == {"echo": {"command": "ADD"}}
+    finally:
+        server.close()

@@ -154,6 +154,8 @@ class _ApiHandler(socketserver.StreamRequestHandler):
 
 class _ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # socketserver's default queue of 5 refuses a runtime's burst of parallel CNI calls with EAGAIN.
+    request_queue_size = socket.SOMAXCONN
     agent: Agent
 
 

@@ -77,15 +77,30 @@ def _validate_config(config: dict[str, Any]) -> None:
         raise CniError(spec.ERR_INVALID_CONFIG, "'mtu' must be a whole number from 576 to 65535", "field: mtu")
 
 
+def _connect(sock: socket.socket, socket_path: str, timeout: float) -> None:
+    # A full listen queue answers EAGAIN at once (a socket with a timeout is non-blocking inside), which
+    # means "busy", not "down": a burst of ADDs from a node's runtime must wait its turn, not fail.
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(socket_path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise AgentUnavailable(f"the tulle agent at {socket_path} is too busy to take a connection")
+            time.sleep(0.005)
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot connect to the tulle agent at {socket_path}: {exc.strerror}")
+
+
 def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One request, one answer, over the agent's unix socket."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(socket_path)
-        except OSError as exc:
-            raise AgentUnavailable(f"cannot connect to the tulle agent at {socket_path}: {exc.strerror}")
+        _connect(sock, socket_path, timeout)
         sock.sendall(json.dumps(request).encode())
         sock.shutdown(socket.SHUT_WR)
         chunks = []
