@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import statistics
@@ -42,9 +43,18 @@ def run(netns_path: str, argv: list[str], timeout: float = 120) -> str:
     return proc.stdout
 
 
+def pinned(role: str, argv: list[str]) -> list[str]:
+    """The client on the first CPU, the server on the last: left to the scheduler, two processes on
+    a small machine land on one CPU in some runs and on two in others, which moves single-stream
+    throughput by up to 40% and swamps the differences between paths."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ["taskset", "-c", str(cpus[0] if role == "client" else cpus[-1]), *argv]
+
+
 def iperf3_gbits(client_ns: str, server_ns: str, address: str, seconds: int = 5) -> float:
-    with background(server_ns, ["iperf3", "-s", "-p", "5201"]):
-        out = json.loads(run(client_ns, ["iperf3", "-c", address, "-p", "5201", "-t", str(seconds), "-J", "-O", "1"]))
+    with background(server_ns, pinned("server", ["iperf3", "-s", "-p", "5201"])):
+        argv = ["iperf3", "-c", address, "-p", "5201", "-t", str(seconds), "-J", "-O", "1"]
+        out = json.loads(run(client_ns, pinned("client", argv)))
     return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
@@ -59,11 +69,9 @@ class Latency:
 
 def sockperf_rr(client_ns: str, server_ns: str, address: str, seconds: int = 5) -> Latency:
     """TCP request/response round trip (µs) with 1-byte messages, on one connection."""
-    with background(server_ns, ["sockperf", "server", "-i", address, "-p", "11111", "--tcp"]):
-        out = run(
-            client_ns,
-            ["sockperf", "ping-pong", "-i", address, "-p", "11111", "--tcp", "-t", str(seconds), "-m", "14"],
-        )
+    with background(server_ns, pinned("server", ["sockperf", "server", "-i", address, "-p", "11111", "--tcp"])):
+        argv = ["sockperf", "ping-pong", "-i", address, "-p", "11111", "--tcp", "-t", str(seconds), "-m", "14"]
+        out = run(client_ns, pinned("client", argv))
     found = {float(p): float(v) for p, v in _PERCENTILE.findall(out)}
     return Latency(p50=found[50.0], p99=found[99.0])
 

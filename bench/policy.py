@@ -127,7 +127,11 @@ def _write(lab: Lab, objects: list[dict[str, Any]]) -> None:
     """As `tulle apply` writes: admission, then one atomic transaction per chunk."""
     for i in range(0, len(objects), CHUNK):
         chunk = objects[i : i + CHUNK]
-        lab.with_store(load(lab.name), lambda store, chunk=chunk: store.apply_many(chunk, admit=admit_all))
+
+        def put(store: ResourceStore, chunk: list[dict[str, Any]] = chunk) -> None:
+            store.apply_many(chunk, admit=admit_all)
+
+        lab.with_store(load(lab.name), put)
 
 
 def _write_with_status(lab: Lab, pods: list[dict[str, Any]]) -> None:
