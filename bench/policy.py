@@ -23,7 +23,7 @@ from tulle.lab import topology
 from tulle.lab.cluster import Lab
 from tulle.lab.state import load
 from tulle.model.kinds import NETWORK_POLICY, POD
-from tulle.model.store import ResourceStore
+from tulle.model.store import APPLY_BATCH, ResourceStore
 from tulle.model.validation import admit_all
 from tulle.policy.compiler import compile_policies
 from tulle.policy.datapath import policy_table
@@ -34,7 +34,6 @@ from .common import bench_name, iperf3_gbits, median, sockperf_rr, table, verdic
 POLICIES = 1000
 PODS = 5000
 NAMESPACES = 50
-CHUNK = 40  # objects per atomic write: etcd allows 128 writes and 128 conditions a transaction
 
 
 def synthetic_objects() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -124,20 +123,14 @@ def compile_and_apply_from_scratch() -> tuple[float, float, float, int]:
 
 
 def _write(lab: Lab, objects: list[dict[str, Any]]) -> None:
-    """As `tulle apply` writes: admission, then one atomic transaction per chunk."""
-    for i in range(0, len(objects), CHUNK):
-        chunk = objects[i : i + CHUNK]
-
-        def put(store: ResourceStore, chunk: list[dict[str, Any]] = chunk) -> None:
-            store.apply_many(chunk, admit=admit_all)
-
-        lab.with_store(load(lab.name), put)
+    """As `tulle apply` writes: admission of the whole, then atomic batches."""
+    lab.with_store(load(lab.name), lambda store: store.apply_many(objects, admit=admit_all))
 
 
 def _write_with_status(lab: Lab, pods: list[dict[str, Any]]) -> None:
     """Pods as the kubelet leaves them: with status.podIPs (which `apply` would drop)."""
-    for i in range(0, len(pods), CHUNK):
-        chunk = pods[i : i + CHUNK]
+    for i in range(0, len(pods), APPLY_BATCH):
+        chunk = pods[i : i + APPLY_BATCH]
 
         def put(store: ResourceStore, chunk: list[dict[str, Any]] = chunk) -> None:
             ops = [

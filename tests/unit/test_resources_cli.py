@@ -1,7 +1,8 @@
 """`tulle apply|get|delete|label` against a real etcd, and the transactions under them.
 
 Invariants guarded here:
-- a multi-document apply is all or nothing: one refused object and the datastore is untouched;
+- a multi-document apply is all or nothing: one refused object and the datastore is untouched
+  (also when it holds more objects than one etcd transaction and is written in batches);
 - an admission decision cannot be overtaken by a concurrent writer (the reads guard the commit);
 - deleting a Namespace deletes what is in it in the same transaction.
 """
@@ -25,7 +26,7 @@ from tulle.datastore.base import DatastoreError, DeleteOp, PutOp, UnchangedOp
 from tulle.datastore.etcd import MAX_TXN_OPS, EtcdDatastore
 from tulle.datastore.etcd_server import EtcdServer
 from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, POD
-from tulle.model.store import Conflict, Reader, ResourceStore
+from tulle.model.store import APPLY_BATCH, Conflict, PartlyApplied, Reader, ResourceStore
 from tulle.model.validation import AdmissionErrors, admit_all
 
 Obj = dict[str, Any]
@@ -190,6 +191,37 @@ def test_a_refused_last_document_leaves_the_datastore_unchanged(
     ) in err
     assert "Error from server (Invalid)" in err
     assert "nothing was applied: 1 of 4 objects refused" in err
+    assert contents(datastore, prefix) == before
+
+
+def test_apply_of_more_objects_than_one_etcd_transaction_holds_writes_them_all(
+    tulle: Tulle, tmp_path: Any, store: ResourceStore
+) -> None:
+    """A real policy set is bigger than etcd's 128 operations a transaction; the Namespace comes
+    last in the file, as it may in a directory, and is still written before what is in it."""
+    many = 3 * APPLY_BATCH + 7
+    docs = [netpol(f"p{i}", "bulk") for i in range(many)] + [ns("bulk")]
+    out = tulle.ok("apply", "-f", write(tmp_path, dump(*docs))).splitlines()
+    assert out[0] == "networkpolicy.networking.k8s.io/p0 created"
+    assert out[-1] == "namespace/bulk created"
+    assert len(out) == many + 1
+    assert sorted(p["metadata"]["name"] for p in store.list(NETWORK_POLICY, "bulk")[0]) == sorted(
+        f"p{i}" for i in range(many)
+    )
+    again = tulle.ok("apply", "-f", write(tmp_path, dump(*docs)))
+    assert again.count(" unchanged") == many + 1
+
+
+def test_a_refused_object_among_many_leaves_the_datastore_unchanged(
+    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
+) -> None:
+    tulle.ok("apply", "-f", write(tmp_path, dump(ns("bulk")), "ns.yaml"))
+    before = contents(datastore, prefix)
+    docs = [netpol(f"p{i}", "bulk") for i in range(3 * APPLY_BATCH)] + [netpol("bad", "bulk", spec=BAD_PORT)]
+    code, out, err = tulle("apply", "-f", write(tmp_path, dump(*docs)))
+    assert code == 1
+    assert out == ""
+    assert f"nothing was applied: 1 of {3 * APPLY_BATCH + 1} objects refused" in err
     assert contents(datastore, prefix) == before
 
 
@@ -610,6 +642,28 @@ def test_apply_many_is_guarded_by_the_namespace_it_read(store: ResourceStore) ->
     assert 'namespaces "web" not found' in str(info.value)
     assert len(calls) == 2
     assert store.list(NETWORK_POLICY, "web")[0] == []
+
+
+def test_a_batched_apply_overtaken_by_another_writer_says_what_it_wrote(store: ResourceStore) -> None:
+    """Checked whole, then written in batches: a namespace deleted between two batches stops
+    the apply after the first, and the caller learns exactly which objects were written."""
+    store.apply_many([ns("early"), ns("late")], admit=admit_all)
+    docs = [netpol(f"e{i}", "early") for i in range(APPLY_BATCH)] + [netpol(f"l{i}", "late") for i in range(5)]
+    calls = []
+
+    def racing_admit(objects: Sequence[Obj], reader: Reader) -> list[Obj]:
+        calls.append(len(objects))
+        if len(calls) == 3:  # whole check, first batch, then this: the second batch
+            store.delete_namespace("late")
+        return admit_all(objects, reader)
+
+    with pytest.raises(PartlyApplied) as info:
+        store.apply_many(docs, admit=racing_admit)
+    assert calls[:3] == [APPLY_BATCH + 5, APPLY_BATCH, 5]
+    assert [obj["metadata"]["name"] for obj, _ in info.value.applied] == [f"e{i}" for i in range(APPLY_BATCH)]
+    assert 'namespaces "late" not found' in str(info.value.cause)
+    assert len(store.list(NETWORK_POLICY, "early")[0]) == APPLY_BATCH
+    assert store.list(NETWORK_POLICY, "late")[0] == []
 
 
 def test_apply_many_refuses_a_resource_version_for_an_object_that_is_gone(store: ResourceStore) -> None:

@@ -28,7 +28,7 @@ from tulle.cli.common import UserError, add_datastore_args, open_store, print_js
 from tulle.datastore.base import DatastoreError
 from tulle.model import kinds, selectors
 from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, POD, Kind
-from tulle.model.store import Conflict, Obj, ResourceStore, resource
+from tulle.model.store import Applied, Conflict, Obj, PartlyApplied, ResourceStore, resource
 from tulle.model.validation import (
     ADMITTED,
     AdmissionError,
@@ -312,12 +312,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
         except Conflict as exc:
             _server_error("Conflict", f"{exc}; nothing was applied")
             return 1
-    suffix = " (server dry run)" if args.dry_run else ""
+        except PartlyApplied as exc:
+            _print_applied(exc.applied, "")
+            _server_error("Conflict", f"{exc.cause}; the objects above were applied, the others were not")
+            return 1
+    _print_applied(applied, " (server dry run)" if args.dry_run else "")
+    return 0
+
+
+def _print_applied(applied: Applied, suffix: str) -> None:
     for obj, verdict in applied:
         kind = kinds.by_kind(obj["kind"])
         assert kind is not None
         print(f"{ref(kind)}/{obj['metadata']['name']} {verdict}{suffix}")
-    return 0
 
 
 # --- get ---------------------------------------------------------------------------------------

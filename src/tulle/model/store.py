@@ -34,8 +34,24 @@ _Ops = list[TxnOp]
 _Guards = list[UnchangedOp]
 
 
+# Objects written per transaction when one apply holds more: etcd takes at most 128 writes and
+# 128 conditions a transaction (--max-txn-ops), and each object costs a write with its own
+# compare plus guards on what admission read for it (its namespace, a list of pools).
+APPLY_BATCH = 40
+
+
 class Conflict(Exception):
     """The object changed since it was read."""
+
+
+class PartlyApplied(Exception):
+    """A batched apply stopped after writing some batches: another writer changed what a later
+    batch had read. `applied` holds what was written, `cause` why the rest was not."""
+
+    def __init__(self, applied: Applied, cause: Exception) -> None:
+        self.applied = applied
+        self.cause = cause
+        super().__init__(f"{len(applied)} objects were applied, then: {cause}")
 
 
 class Reader(Protocol):
@@ -215,6 +231,12 @@ class ResourceStore:
     ) -> Applied:
         """Create or replace every object in ONE transaction: all are written or none is.
 
+        More objects than one etcd transaction holds (APPLY_BATCH) are first admitted and
+        planned whole, so that bad input still changes nothing, and then written in batches of
+        APPLY_BATCH, Namespaces first, each batch atomic and admitted again against what is
+        stored. Only another writer changing what a later batch reads can then stop the apply
+        part way (PartlyApplied), as kubectl, which writes object by object, can stop.
+
         `admit` (e.g. `tulle.model.validation.admit_all`) defaults and checks the objects
         against what it reads through the Snapshot it is given; every read becomes a condition
         of the commit, so a decision made on a read (a pool does not overlap, the namespace
@@ -227,6 +249,24 @@ class ResourceStore:
         >>> store.apply_many([ns_obj, policy_obj], admit=admit_all)  # doctest: +SKIP
         [({...}, 'created'), ({...}, 'configured')]
         """
+        if dry_run or len(objects) <= APPLY_BATCH:
+            return self._apply_atomic(objects, admit, dry_run=dry_run, lease=lease)
+        self._apply_atomic(objects, admit, dry_run=True)
+        # Namespaces first: a pod in a later batch is admitted against its stored namespace.
+        order = sorted(range(len(objects)), key=lambda i: objects[i].get("kind") != NAMESPACE.kind)
+        results: dict[int, tuple[Obj, str]] = {}
+        for start in range(0, len(order), APPLY_BATCH):
+            batch = order[start : start + APPLY_BATCH]
+            try:
+                written = self._apply_atomic([objects[i] for i in batch], admit, dry_run=False, lease=lease)
+            except Exception as exc:
+                if not results:
+                    raise Conflict(f"what this apply read changed while it was written: {exc}") from exc
+                raise PartlyApplied([results[i] for i in sorted(results)], exc) from exc
+            results.update(zip(batch, written, strict=True))
+        return [results[i] for i in range(len(objects))]
+
+    def _apply_atomic(self, objects: Sequence[Obj], admit: Admit | None, *, dry_run: bool, lease: int = 0) -> Applied:
         for _ in range(_RETRIES):
             snapshot = Snapshot(self)
             admitted = admit(objects, snapshot) if admit else [copy.deepcopy(o) for o in objects]
