@@ -261,17 +261,21 @@ def test_a_full_listen_queue_is_waited_on_not_reported_as_agent_down(tmp_path: P
         time.sleep(0.3)
         for sock in queued:
             sock.close()  # the earlier callers give up; the plugin's connection is still to come
-        while True:
+        while True:  # the abandoned connections first (empty), then the plugin's
             conn, _ = server.accept()
             request = b""
             while chunk := conn.recv(65536):
                 request += chunk
             if request:
                 conn.sendall(json.dumps({"echo": json.loads(request)}).encode())
+                conn.close()
+                return
             conn.close()
 
-    threading.Thread(target=answer_late, daemon=True).start()
+    answerer = threading.Thread(target=answer_late, daemon=True)
+    answerer.start()
     try:
         assert call_agent(path, {"command": "ADD"}, timeout=5) == {"echo": {"command": "ADD"}}
     finally:
+        answerer.join(timeout=5)
         server.close()

@@ -3,17 +3,18 @@
 The runtime runs this executable once per command (CNI spec 1.1.0, section 2). It checks
 what the spec lets it check without the agent (environment, configuration, versions),
 then hands the request to the node agent over a unix socket and prints the agent's answer.
-Standard library only and started with `/usr/bin/python3 -S`, so that a start costs ~15 ms.
+Standard library only and started with `/usr/bin/python3 -S`, so that a start costs ~15 ms;
+for the same reason it speaks JSON through `quickjson` and unix sockets through `_socket`
+rather than the `json` and `socket` packages, whose imports would double that.
 """
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import socket
 import sys
 
-from tulle.cni import spec
+from tulle.cni import quickjson, spec
 from tulle.cni.spec import CniError
 
 TYPE_CHECKING = False
@@ -57,7 +58,7 @@ def _required_env(env: dict[str, str], command: str) -> dict[str, Any]:
 
 def _decode_config(raw: bytes) -> dict[str, Any]:
     try:
-        config = json.loads(raw)
+        config = quickjson.loads(raw)
     except ValueError as exc:
         raise CniError(spec.ERR_DECODE, "network configuration on stdin is not valid JSON", str(exc))
     if not isinstance(config, dict):
@@ -77,7 +78,7 @@ def _validate_config(config: dict[str, Any]) -> None:
         raise CniError(spec.ERR_INVALID_CONFIG, "'mtu' must be a whole number from 576 to 65535", "field: mtu")
 
 
-def _connect(sock: socket.socket, socket_path: str, timeout: float) -> None:
+def _connect(sock: _socket.socket, socket_path: str, timeout: float) -> None:
     # A full listen queue answers EAGAIN at once (a socket with a timeout is non-blocking inside), which
     # means "busy", not "down": a burst of ADDs from a node's runtime must wait its turn, not fail.
     import time
@@ -97,12 +98,12 @@ def _connect(sock: socket.socket, socket_path: str, timeout: float) -> None:
 
 def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One request, one answer, over the agent's unix socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         _connect(sock, socket_path, timeout)
-        sock.sendall(json.dumps(request).encode())
-        sock.shutdown(socket.SHUT_WR)
+        sock.sendall(quickjson.dumps(request).encode())
+        sock.shutdown(_socket.SHUT_WR)
         chunks = []
         while True:
             try:
@@ -116,13 +117,14 @@ def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dic
         sock.close()
     if not chunks:
         raise AgentUnavailable(f"the tulle agent at {socket_path} closed the connection without an answer")
-    answer: dict[str, Any] = json.loads(b"".join(chunks))
+    answer: dict[str, Any] = quickjson.loads(b"".join(chunks))
     return answer
 
 
 def record_pending_del(state_dir: str, request: dict[str, Any]) -> str:
     """Keep a DEL the agent could not take, so that the agent carries it out when it starts."""
     import hashlib  # the rare path: keep its ~4 ms out of every start
+    import json
     import time
 
     folder = os.path.join(state_dir, "pending-del")
@@ -186,7 +188,7 @@ def main() -> None:
     stdin = sys.stdin.buffer.read()
     status, output = run(command, dict(os.environ), stdin)
     if output is not None:
-        sys.stdout.write(json.dumps(output))
+        sys.stdout.write(quickjson.dumps(output))
         sys.stdout.flush()
     sys.exit(status)
 
