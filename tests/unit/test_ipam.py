@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from tulle.datastore.etcd import EtcdDatastore
-from tulle.ipam.allocator import IpamError, NodeAllocator, list_blocks, release_node_blocks
+from tulle.ipam.allocator import (
+    Block,
+    IpamError,
+    NodeAllocator,
+    block_key,
+    blocks_prefix,
+    list_blocks,
+    release_node_blocks,
+)
 from tulle.ipam.pools import Pool, PoolError, check_no_overlap, parse_pool, pool_object
 
 
@@ -176,3 +184,52 @@ def test_gone_node_blocks_are_freed(datastore: EtcdDatastore, prefix: str) -> No
     NodeAllocator(datastore, prefix, "stays", lambda: pools).ensure_block(4)
     assert release_node_blocks(datastore, prefix, "gone")
     assert {b.node for b in list_blocks(datastore, prefix)} == {"stays"}
+
+
+class ListCountingDatastore:
+    """The test's etcd, noting every prefix listed (a list reads every block of the cluster)."""
+
+    def __init__(self, inner: EtcdDatastore) -> None:
+        self.inner = inner
+        self.lists: list[str] = []
+
+    def list(self, prefix: str) -> Any:
+        self.lists.append(prefix)
+        return self.inner.list(prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_an_allocation_reads_this_nodes_blocks_not_the_clusters(datastore: EtcdDatastore, prefix: str) -> None:
+    """Per-ADD cost must not grow with the cluster: only claiming a block lists every block."""
+    pools = [pool("v4", "10.17.0.0/16", 28)]  # blocks of 16
+    for i in range(20):
+        NodeAllocator(datastore, prefix, f"other{i}", lambda: pools).allocate(f"net/o{i}/eth0", [4])
+    counting = ListCountingDatastore(datastore)
+    mine = NodeAllocator(counting, prefix, "me", lambda: pools)  # type: ignore[arg-type]
+    given = [mine.allocate("net/c0/eth0", [4])[0]]
+    counting.lists.clear()
+    given += [mine.allocate(f"net/c{i}/eth0", [4])[0] for i in range(1, 20)]  # the 17th needs a second block
+    assert counting.lists == [blocks_prefix(prefix)]  # that one claim, nothing else
+    assert len(set(given)) == 20
+    assert len(mine.allocations()) == 20
+    assert mine.release("net/c19/eth0") == [str(given[19])]  # from the block claimed second
+
+
+def test_a_block_freed_behind_the_agents_back_is_never_allocated_from(datastore: EtcdDatastore, prefix: str) -> None:
+    """The node was thought gone and its block freed, then claimed by another node: the agent
+    that comes back must neither use that block nor fail; it claims a block of its own."""
+    pools = [pool("v4", "10.18.0.0/26", 28)]  # 4 blocks of 16
+    mine = NodeAllocator(datastore, prefix, "back", lambda: pools)
+    first = mine.allocate("net/c1/eth0", [4])[0]
+    [held] = list_blocks(datastore, prefix)
+    assert release_node_blocks(datastore, prefix, "back")
+    stolen = Block(cidr=held.cidr, pool="v4", node="thief")
+    assert datastore.create(block_key(prefix, held.cidr), stolen.to_json())
+    thief = NodeAllocator(datastore, prefix, "thief", lambda: pools)
+    assert [b.cidr for b in thief.local_blocks()] == [held.cidr] and first in held.cidr
+    again = mine.allocate("net/c2/eth0", [4])[0]
+    assert not any(again in b.cidr for b in thief.local_blocks())
+    assert {b.node for b in mine.local_blocks()} == {"back"}
+    assert mine.allocations() == {"net/c2/eth0": [str(again)]}

@@ -673,6 +673,18 @@ def test_apply_many_refuses_a_resource_version_for_an_object_that_is_gone(store:
         store.apply_many([obj], admit=admit_all)
 
 
+def test_get_many_reads_keys_in_order_absent_ones_as_none(datastore: EtcdDatastore, prefix: str) -> None:
+    keys = [f"{prefix}/many/{i:03}" for i in range(MAX_TXN_OPS + 10)]  # more than one transaction holds
+    for key in keys[::2]:
+        datastore.put(key, key.encode())
+    got = datastore.get_many([*reversed(keys), f"{prefix}/nothing"])
+    assert [kv.value.decode() if kv else None for kv in got] == [
+        *(key if i % 2 == 0 else None for i, key in reversed(list(enumerate(keys)))),
+        None,
+    ]
+    assert datastore.get_many([]) == []
+
+
 def test_commit_writes_all_or_nothing(datastore: EtcdDatastore, prefix: str) -> None:
     assert datastore.commit([PutOp(f"{prefix}/a", b"1", expected_revision=0), PutOp(f"{prefix}/b", b"2")])
     a = datastore.get(f"{prefix}/a")

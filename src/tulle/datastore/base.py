@@ -86,6 +86,10 @@ class Datastore(Protocol):
         """The key's value and revision, or None."""
         ...
 
+    def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        """Each key's value and revision (None where absent), read together in one round trip."""
+        ...
+
     def list(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under prefix and the store revision they were read at."""
         ...

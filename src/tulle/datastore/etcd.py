@@ -238,6 +238,18 @@ class EtcdDatastore:
         kvs = resp.get("kvs", [])
         return self._kv(kvs[0]) if kvs else None
 
+    def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        if not keys:
+            return []
+        out: list[KeyValue | None] = []
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            reads = [{"request_range": {"key": _b64(key)}} for key in keys[start : start + MAX_TXN_OPS]]
+            resp = self._post("kv/txn", {"compare": [], "success": reads, "failure": []})
+            for answer in resp.get("responses", []):
+                kvs = answer.get("response_range", {}).get("kvs", [])
+                out.append(self._kv(kvs[0]) if kvs else None)
+        return out
+
     def list(self, prefix: str) -> tuple[list[KeyValue], int]:
         resp = self._post("kv/range", {"key": _b64(prefix), "range_end": _range_end(prefix)})
         return [self._kv(kv) for kv in resp.get("kvs", [])], int(resp["header"]["revision"])

@@ -90,11 +90,28 @@ class NodeAllocator:
         self.node = node
         self._pools = pools
         self._lock = threading.RLock()
+        # Keys of the blocks this node holds, learned by one list of every block and kept up to
+        # date by our own claims: an allocation then reads this node's few blocks, not the
+        # cluster's thousands (a 1000-node cluster holds ~2000 blocks, each with its allocations).
+        self._own_keys: set[str] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
     def local_blocks(self) -> list[Block]:
-        return [b for b in list_blocks(self.datastore, self.prefix) if b.node == self.node]
+        with self._lock:
+            if self._own_keys is None:
+                blocks = [b for b in list_blocks(self.datastore, self.prefix) if b.node == self.node]
+                self._own_keys = {block_key(self.prefix, b.cidr) for b in blocks}
+                return blocks
+            keys = sorted(self._own_keys)
+            blocks = []
+            for key, kv in zip(keys, self.datastore.get_many(keys), strict=True):
+                block = Block.from_kv(kv) if kv is not None else None
+                if block is None or block.node != self.node:
+                    self._own_keys.discard(key)  # freed while this node was thought gone
+                    continue
+                blocks.append(block)
+            return blocks
 
     def allocations(self) -> dict[str, list[str]]:
         """handle -> addresses, over this node's blocks."""
@@ -123,6 +140,9 @@ class NodeAllocator:
                 block = Block(cidr=candidate, pool=pool.name, node=self.node)
                 if self.datastore.create(block_key(self.prefix, candidate), block.to_json()):
                     log.info("claimed block", extra={"block": str(candidate), "pool": pool.name})
+                    with self._lock:
+                        if self._own_keys is not None:
+                            self._own_keys.add(block_key(self.prefix, candidate))
                     stored = self.datastore.get(block_key(self.prefix, candidate))
                     assert stored is not None
                     return Block.from_kv(stored)
