@@ -2,9 +2,12 @@
 each routing mode, against a direct veth pair between two namespaces measured in the same run.
 
 The labs of all three modes are up at once and the paths are measured in interleaved rounds
-(baseline, host-gw, vxlan, hybrid, baseline, ...), keeping the best of the rounds for each
-path, so that a passing disturbance of the machine does not count against one path only.
-Client and server are pinned to two CPUs (see common.pinned).
+(baseline, kernel-only, host-gw, vxlan, hybrid, baseline, ...). A path's ratio is taken within
+each round, against the baseline measured a few seconds before it, and the table shows the
+median of those ratios with their range: on a shared VM the machine's speed drifts by ±20%
+over minutes, and a ratio of two figures measured minutes apart (or of two "best of" figures)
+would show that drift as a difference between paths. Client and server are pinned to two CPUs
+(see common.pinned).
 
 Besides the direct veth pair (the targets' baseline), the same pod-node-node-pod shape is built
 from kernel parts alone (static routes, a static VXLAN; no agent, no nftables): the ratio against
@@ -22,7 +25,7 @@ from tulle.lab.cluster import Lab
 from tulle.lab.state import load
 
 from .baseline import direct_veth_pair, kernel_only_path
-from .common import Latency, bench_name, iperf3_gbits, sockperf_rr, table, verdict
+from .common import bench_name, iperf3_gbits, median, sockperf_rr, table, verdict
 
 TARGETS = {"host-gw": 0.95, "vxlan": 0.85, "hybrid (direct pair)": 0.95, "hybrid (vxlan pair)": 0.85}
 BASELINE = "direct veth (baseline)"
@@ -53,19 +56,18 @@ def _lab_paths(lab: Lab, mode: str) -> dict[str, tuple[str, str, str]]:
     return {mode: path("server2")}
 
 
+def _ratios(values: dict[str, list[float]], label: str, against: str) -> list[float]:
+    return [v / b for v, b in zip(values[label], values[against], strict=True)]
+
+
+def _median_and_range(ratios: list[float]) -> str:
+    return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def main(seconds: int = 5) -> None:
-    best: dict[str, tuple[float, Latency]] = {}
-
-    def keep(label: str, gbits: float, lat: Latency) -> None:
-        old = best.get(label)
-        if old is None:
-            best[label] = (gbits, lat)
-        else:
-            best[label] = (
-                max(old[0], gbits),
-                Latency(p50=min(old[1].p50, lat.p50), p99=min(old[1].p99, lat.p99)),
-            )
-
+    gbits: dict[str, list[float]] = {}
+    p50: dict[str, list[float]] = {}
+    p99: dict[str, list[float]] = {}
     with ExitStack() as stack:
         paths: dict[str, tuple[str, str, str]] = {
             BASELINE: stack.enter_context(direct_veth_pair()),
@@ -78,31 +80,32 @@ def main(seconds: int = 5) -> None:
             paths.update(_lab_paths(lab, mode))
         for _ in range(ROUNDS):
             for label, (client, server, address) in paths.items():
-                keep(
-                    label, iperf3_gbits(client, server, address, seconds), sockperf_rr(client, server, address, seconds)
-                )
-    base_gbits, base_lat = best[BASELINE]
+                gbits.setdefault(label, []).append(iperf3_gbits(client, server, address, seconds))
+                lat = sockperf_rr(client, server, address, seconds)
+                p50.setdefault(label, []).append(lat.p50)
+                p99.setdefault(label, []).append(lat.p99)
     rows = []
-    for label, (gbits, lat) in best.items():
-        ratio = gbits / base_gbits
+    for label in paths:
+        ratios = _ratios(gbits, label, BASELINE)
         target = TARGETS.get(label)
         same_shape = SAME_SHAPE.get(label)
         rows.append(
             [
                 label,
-                f"{gbits:.1f}",
-                f"{ratio:.2f}",
-                f">= {target:.2f} ({verdict(ratio, target)})" if target else "",
-                f"{gbits / best[same_shape][0]:.2f}" if same_shape else "",
-                f"{lat.p50:.1f}",
-                f"{lat.p99:.1f}",
-                f"{lat.p50 / base_lat.p50:.2f}",
-                f"{lat.p99 / base_lat.p99:.2f}",
+                f"{median(gbits[label]):.1f}",
+                _median_and_range(ratios),
+                f">= {target:.2f} ({verdict(median(ratios), target)})" if target else "",
+                _median_and_range(_ratios(gbits, label, same_shape)) if same_shape else "",
+                f"{median(p50[label]):.1f}",
+                f"{median(p99[label]):.1f}",
+                f"{median(_ratios(p50, label, BASELINE)):.2f}",
+                f"{median(_ratios(p99, label, BASELINE)):.2f}",
             ]
         )
     table(
-        f"Pod to pod across nodes, IPv4; iperf3 and sockperf {seconds} s each, best of {ROUNDS} interleaved rounds "
-        "(ratios against the direct veth pair; 'vs kernel' against the same shape built from kernel parts alone)",
+        f"Pod to pod across nodes, IPv4; iperf3 and sockperf {seconds} s each, {ROUNDS} interleaved rounds: medians, "
+        "ratios taken within each round (range over the rounds) against the direct veth pair, and ('vs kernel') "
+        "against the same shape built from kernel parts alone",
         ["path", "Gbit/s", "ratio", "target", "vs kernel", "RR p50 µs", "RR p99 µs", "p50 ratio", "p99 ratio"],
         rows,
     )
