@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
-from tulle.datastore.base import Datastore, DeleteOp, KeyValue, PutOp, TxnOp, UnchangedOp
+from tulle.datastore.base import Datastore, DatastoreError, DeleteOp, KeyValue, PutOp, TxnOp, UnchangedOp
 from tulle.model.kinds import KINDS, NAMESPACE, NETWORK_POLICY, POD, Kind, by_kind
 
 DEFAULT_PREFIX = "/tulle"
@@ -229,7 +229,7 @@ class ResourceStore:
     def apply_many(
         self, objects: Sequence[Obj], admit: Admit | None = None, *, dry_run: bool = False, lease: int = 0
     ) -> Applied:
-        """Create or replace every object in ONE transaction: all are written or none is.
+        """Create or replace the objects in one transaction: all are written or none is.
 
         More objects than one etcd transaction holds (APPLY_BATCH) are first admitted and
         planned whole, so that bad input still changes nothing, and then written in batches of
@@ -260,9 +260,11 @@ class ResourceStore:
             try:
                 written = self._apply_atomic([objects[i] for i in batch], admit, dry_run=False, lease=lease)
             except Exception as exc:
-                if not results:
-                    raise Conflict(f"what this apply read changed while it was written: {exc}") from exc
-                raise PartlyApplied([results[i] for i in sorted(results)], exc) from exc
+                if results:
+                    raise PartlyApplied([results[i] for i in sorted(results)], exc) from exc
+                if isinstance(exc, DatastoreError):
+                    raise  # nothing was written: the datastore's own error says it all
+                raise Conflict(f"what this apply read changed while it was written: {exc}") from exc
             results.update(zip(batch, written, strict=True))
         return [results[i] for i in range(len(objects))]
 
