@@ -55,10 +55,14 @@ def test_what_json_cannot_print_is_refused_as_json_refuses_it() -> None:
         quickjson.dumps({"a": {1, 2}})
 
 
-def test_the_plugin_starts_without_json_re_socket_enum_or_typing() -> None:
-    """~10 ms of every ADD and DEL: these imports are what a plugin start would otherwise cost."""
+def test_the_plugin_runs_without_json_re_socket_enum_or_typing() -> None:
+    """~10 ms of every ADD and DEL: these imports are what a plugin start would otherwise cost.
+    Reading a config and printing a result must take the fast path, not fall back to json."""
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import tulle.cni.plugin; "
+        "from tulle.cni import quickjson; "
+        'conf = quickjson.loads(b\'{"cniVersion": "1.1.0", "name": "n", "type": "tulle", "mtu": 1450}\'); '
+        'out = quickjson.dumps({"cniVersion": conf["cniVersion"], "ips": [{"address": "10.0.0.5/32"}], "x": None}); '
         "print(' '.join(m for m in ('json', 're', 'socket', 'enum', 'typing') if m in sys.modules))"
     )
     done = subprocess.run(
