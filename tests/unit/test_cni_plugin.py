@@ -1,11 +1,18 @@
 """The CNI plugin binary against the spec (1.1.0), without an agent: versions, error codes,
-environment checks, and DEL recorded while the agent is away."""
+environment checks, DEL recorded while the agent is away, and agents that fail mid-request."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import socket
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +27,17 @@ PLUGIN = os.path.join(CNI_BIN_DIR, "tulle")
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
-def run_plugin(command: str, config: Any, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
+def run_plugin_process(
+    command: str, config: Any, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     full_env = {"CNI_COMMAND": command, "CNI_PATH": CNI_BIN_DIR}
     full_env.update(env or {})
     stdin = config if isinstance(config, bytes) else json.dumps(config).encode()
-    proc = subprocess.run([PLUGIN], input=stdin, env=full_env, capture_output=True, timeout=30)
+    return subprocess.run([PLUGIN], input=stdin, env=full_env, capture_output=True, timeout=30)
+
+
+def run_plugin(command: str, config: Any, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any] | None]:
+    proc = run_plugin_process(command, config, env)
     out = json.loads(proc.stdout) if proc.stdout.strip() else None
     return proc.returncode, out
 
@@ -279,3 +292,233 @@ def test_a_full_listen_queue_is_waited_on_not_reported_as_agent_down(tmp_path: P
     finally:
         answerer.join(timeout=5)
         server.close()
+
+
+# -- agents that fail mid-request -----------------------------------------------------------
+# A fake agent listens on the config's agentSocket (in tmp_path) and treats each connection
+# with one of the behaviours below; the plugin must turn every failure into a CNI error JSON.
+
+AgentBehaviour = Callable[[socket.socket], None]
+
+
+def agent_config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return config(tmp_path, agentSocket=str(tmp_path / "agent.sock"), **extra)
+
+
+@contextlib.contextmanager
+def fake_agent(socket_path: str, behaviour: AgentBehaviour) -> Iterator[list[socket.socket]]:
+    """Serve `behaviour` on every connection until the block ends; yields the connections kept open."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(socket_path)
+    server.listen(16)
+    server.settimeout(0.05)
+    stop = threading.Event()
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            connections.append(conn)
+            behaviour(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield connections
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+        for conn in connections:
+            conn.close()
+
+
+def reset_after_reading(conn: socket.socket) -> None:
+    """Take in the whole request, then die: the agent crashing while it works on the request.
+
+    A unix socket has no RST (SO_LINGER does nothing on it); Linux reports ECONNRESET to the peer
+    when a socket is closed with data still in its receive queue, so the request is peeked at
+    (seen whole) but left unconsumed.
+    """
+    conn.settimeout(5)
+    while True:
+        seen = conn.recv(1 << 20, socket.MSG_PEEK)
+        try:
+            json.loads(seen)
+            break
+        except ValueError:
+            time.sleep(0.01)  # the rest of the request is on its way
+    conn.close()
+
+
+def answer_with(raw: bytes) -> AgentBehaviour:
+    """Read the request to its end, answer `raw`, close: an agent that speaks nonsense."""
+
+    def behaviour(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        while conn.recv(65536):
+            pass
+        conn.sendall(raw)
+        conn.close()
+
+    return behaviour
+
+
+def close_without_reading(conn: socket.socket) -> None:
+    conn.close()
+
+
+def keep_open_without_reading(conn: socket.socket) -> None:
+    pass  # fake_agent closes it at the end
+
+
+def pending_dels(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in (tmp_path / "state" / "pending-del").glob("*.json")]
+
+
+def test_add_when_the_agent_resets_the_connection_is_error_11_not_a_traceback(tmp_path: Path) -> None:
+    """Issue 7: the plugin binary crashed with ConnectionResetError when the agent died mid-request."""
+    conf = agent_config(tmp_path)
+    with fake_agent(conf["agentSocket"], reset_after_reading):
+        proc = run_plugin_process("ADD", conf, ATTACH_ENV)
+    assert b"Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert out["code"] == spec.ERR_TRY_AGAIN_LATER
+    assert out["cniVersion"] == "1.1.0"
+    assert conf["agentSocket"] in out["details"] and "reset" in out["details"]
+
+
+def test_del_when_the_agent_resets_the_connection_succeeds_and_is_recorded(tmp_path: Path) -> None:
+    conf = agent_config(tmp_path)
+    with fake_agent(conf["agentSocket"], reset_after_reading):
+        proc = run_plugin_process("DEL", conf, ATTACH_ENV)
+    assert b"Traceback" not in proc.stderr
+    assert proc.returncode == 0 and proc.stdout == b""
+    [recorded] = pending_dels(tmp_path)
+    assert recorded["command"] == "DEL" and recorded["containerID"] == "ctr1" and recorded["ifname"] == "eth0"
+
+
+def _expect_agent_unavailable(tmp_path: Path, command: str, proc: subprocess.CompletedProcess[bytes]) -> None:
+    """What each command answers when the agent cannot be used: DEL is kept for later and succeeds,
+    STATUS is 50 "plugin not available", ADD, CHECK and GC are 11 "try again later"."""
+    assert b"Traceback" not in proc.stderr
+    if command == "DEL":
+        assert proc.returncode == 0 and proc.stdout == b""
+        assert [r["command"] for r in pending_dels(tmp_path)] == ["DEL"]
+        return
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    expected = spec.ERR_PLUGIN_NOT_AVAILABLE if command == "STATUS" else spec.ERR_TRY_AGAIN_LATER
+    assert out["code"] == expected
+    assert str(tmp_path / "agent.sock") in out["details"]
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "STATUS", "GC"])
+def test_an_answer_that_is_not_json_is_agent_unavailable(tmp_path: Path, command: str) -> None:
+    conf = agent_config(tmp_path)
+    with fake_agent(conf["agentSocket"], answer_with(b"\x00\xff this is not JSON")):
+        proc = run_plugin_process(command, conf, ATTACH_ENV)
+    _expect_agent_unavailable(tmp_path, command, proc)
+
+
+WRONG_SHAPES_FOR_ADD = [
+    b"[1, 2]",
+    b'"ok"',
+    b"null",
+    b"{}",  # neither result nor error: not a success with no addresses
+    b'{"error": "boom"}',
+    b'{"error": {"code": "eleven", "msg": "x"}}',
+    b'{"error": {"code": 7, "msg": ["not", "a", "string"]}}',
+    b'{"result": [1]}',
+    b'{"result": null}',
+    b'{"result": {"ips": "10.244.0.5/32"}}',
+    b'{"result": {"ips": [{"gateway": "169.254.1.1"}]}}',
+    b'{"result": {"ips": [], "interfaces": [1]}}',
+    b'{"result": {"ips": [], "routes": {"dst": "0.0.0.0/0"}}}',
+    b'{"result": {"ips": [], "dns": ["8.8.8.8"]}}',
+]
+
+
+@pytest.mark.parametrize("answer", WRONG_SHAPES_FOR_ADD)
+def test_add_answer_of_the_wrong_shape_is_error_11(tmp_path: Path, answer: bytes) -> None:
+    conf = agent_config(tmp_path)
+    with fake_agent(conf["agentSocket"], answer_with(answer)):
+        proc = run_plugin_process("ADD", conf, ATTACH_ENV)
+    _expect_agent_unavailable(tmp_path, "ADD", proc)
+
+
+@pytest.mark.parametrize("command", ["DEL", "CHECK", "STATUS", "GC"])
+@pytest.mark.parametrize("answer", [b"[]", b'{"error": "boom"}', b'{"error": {"msg": "no code"}}', b'{"result": 5}'])
+def test_other_answers_of_the_wrong_shape_are_agent_unavailable(tmp_path: Path, command: str, answer: bytes) -> None:
+    conf = agent_config(tmp_path)
+    with fake_agent(conf["agentSocket"], answer_with(answer)):
+        proc = run_plugin_process(command, conf, ATTACH_ENV)
+    _expect_agent_unavailable(tmp_path, command, proc)
+
+
+def test_a_well_formed_agent_error_is_passed_on_as_it_is(tmp_path: Path) -> None:
+    conf = agent_config(tmp_path)
+    agent_error = {"code": spec.ERR_IPAM_EXHAUSTED, "msg": "no address left", "details": "pool p"}
+    with fake_agent(conf["agentSocket"], answer_with(json.dumps({"error": agent_error}).encode())):
+        status, out = run_plugin("ADD", conf, ATTACH_ENV)
+    assert status == 1 and out == dict(agent_error, cniVersion="1.1.0")
+
+
+def test_an_agent_that_closes_without_reading_a_large_request_is_error_11(tmp_path: Path) -> None:
+    """A request larger than the socket's buffers meets a closed agent in sendall (EPIPE)."""
+    conf = agent_config(tmp_path, padding="x" * (4 << 20))
+    with fake_agent(conf["agentSocket"], close_without_reading):
+        proc = run_plugin_process("ADD", conf, ATTACH_ENV)
+    assert b"Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert out["code"] == spec.ERR_TRY_AGAIN_LATER and conf["agentSocket"] in out["details"]
+
+
+def test_an_agent_that_never_reads_the_request_times_out_as_agent_unavailable(tmp_path: Path) -> None:
+    from tulle.cni.plugin import AgentUnavailable, call_agent
+
+    path = str(tmp_path / "agent.sock")
+    with fake_agent(path, keep_open_without_reading), pytest.raises(AgentUnavailable) as raised:
+        call_agent(path, {"command": "ADD", "padding": "x" * (4 << 20)}, timeout=0.3)
+    assert path in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_del_with_agent_down_and_a_state_dir_that_cannot_be_written_is_error_11(tmp_path: Path) -> None:
+    """Nothing may be lost: a DEL neither delivered nor recorded must fail so the runtime retries.
+    (The state dir goes through a regular file: chmod would not stop root, which CI runs as.)"""
+    (tmp_path / "afile").write_text("")
+    state_dir = str(tmp_path / "afile" / "sub")
+    proc = run_plugin_process("DEL", config(tmp_path, stateDir=state_dir), ATTACH_ENV)
+    assert b"Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert out["code"] == spec.ERR_TRY_AGAIN_LATER
+    assert state_dir in out["msg"]
+
+
+def test_main_turns_an_unexpected_exception_into_error_102(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last-resort guard: a bug in the plugin is still answered with a CNI error, never a traceback."""
+    from tulle.cni import plugin
+
+    def broken_run(command: str, env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
+        raise KeyError("address")
+
+    monkeypatch.setattr(plugin, "run", broken_run)
+    monkeypatch.setenv("CNI_COMMAND", "ADD")
+    stdin = json.dumps(config(tmp_path, version="1.0.0")).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    with pytest.raises(SystemExit) as exited:
+        plugin.main()
+    assert exited.value.code == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["code"] == spec.ERR_INTERNAL and out["cniVersion"] == "1.0.0"
+    assert out["msg"].startswith("the tulle plugin failed: ") and "address" in out["msg"]
+    assert "Traceback" not in captured.err

@@ -28,7 +28,13 @@ AGENT_TIMEOUT_S = 60.0
 
 
 class AgentUnavailable(Exception):
-    pass
+    """The agent could not serve this request: not there, gone mid-request, too slow, or talking
+    nonsense. Each is a condition a retry may clear, so the runtime is told to try again."""
+
+
+def _os_error_text(exc: OSError) -> str:
+    # A socket timeout is TimeoutError("timed out") without a strerror.
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _config_version(config: Any) -> str:
@@ -93,32 +99,92 @@ def _connect(sock: _socket.socket, socket_path: str, timeout: float) -> None:
                 raise AgentUnavailable(f"the tulle agent at {socket_path} is too busy to take a connection")
             time.sleep(0.005)
         except OSError as exc:
-            raise AgentUnavailable(f"cannot connect to the tulle agent at {socket_path}: {exc.strerror}")
+            raise AgentUnavailable(f"cannot connect to the tulle agent at {socket_path}: {_os_error_text(exc)}")
 
 
 def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request, one answer, over the agent's unix socket."""
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    """One request, one answer (a JSON object), over the agent's unix socket.
+
+    Any failure on the way (refused, reset, broken pipe, timeout, an answer that is not a JSON
+    object) is AgentUnavailable, never an OSError or ValueError: the agent may die or restart
+    at any point of a request, and the plugin must answer the runtime all the same.
+    """
     try:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    except OSError as exc:  # e.g. out of file descriptors: transient as well
+        raise AgentUnavailable(f"cannot open a socket to the tulle agent at {socket_path}: {_os_error_text(exc)}")
+    try:
+        sock.settimeout(timeout)
         _connect(sock, socket_path, timeout)
-        sock.sendall(quickjson.dumps(request).encode())
-        sock.shutdown(_socket.SHUT_WR)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                raise AgentUnavailable(f"the tulle agent at {socket_path} did not answer within {timeout:.0f} s")
-            if not chunk:
-                break
-            chunks.append(chunk)
+        raw = _exchange(sock, socket_path, quickjson.dumps(request).encode(), timeout)
     finally:
         sock.close()
-    if not chunks:
+    if not raw:
         raise AgentUnavailable(f"the tulle agent at {socket_path} closed the connection without an answer")
-    answer: dict[str, Any] = quickjson.loads(b"".join(chunks))
+    try:
+        answer = quickjson.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+        raise AgentUnavailable(f"the tulle agent at {socket_path} answered with something that is not JSON: {exc}")
+    if not isinstance(answer, dict):
+        raise AgentUnavailable(f"the tulle agent at {socket_path} answered with JSON that is not an object")
     return answer
+
+
+def _exchange(sock: _socket.socket, socket_path: str, request: bytes, timeout: float) -> bytes:
+    """Send the request, then read the answer until the agent closes its side."""
+    sent = False
+    try:
+        sock.sendall(request)
+        sock.shutdown(_socket.SHUT_WR)
+        sent = True
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except TimeoutError:
+        what = "answer" if sent else "take the request"
+        raise AgentUnavailable(f"the tulle agent at {socket_path} did not {what} within {timeout:g} s")
+    except OSError as exc:  # ConnectionResetError, BrokenPipeError, ...: the agent went away mid-request
+        step = "waiting for the answer" if sent else "sending the request"
+        raise AgentUnavailable(
+            f"the connection to the tulle agent at {socket_path} failed while {step}: {_os_error_text(exc)}"
+        )
+    return b"".join(chunks)
+
+
+def _answer_shape_problem(command: str, answer: dict[str, Any]) -> str:
+    """What makes the agent's answer to `command` unusable, or "" if nothing does.
+
+    The answer is {"error": <CNI error object>} or {"result": ...}. The error object's `code`
+    is required and `msg`/`details` are strings (spec section "Error"); ADD's result is the
+    spec's Success object ("ADD Success"), read by `spec.convert_result`, so the fields it
+    reads must have the types it expects. The other commands have no result to print.
+    """
+    if "error" in answer:
+        error = answer["error"]
+        if not isinstance(error, dict):
+            return "its error is not an object"
+        code = error.get("code")
+        if not isinstance(code, int) or isinstance(code, bool) or code < 1:
+            return "its error has no valid code"
+        if not all(isinstance(error.get(field, ""), str) for field in ("msg", "details")):
+            return "its error's msg or details is not a string"
+        return ""
+    if "result" not in answer:
+        return "it has neither a result nor an error"
+    result = answer["result"]
+    if command != "ADD":
+        return "" if result is None or isinstance(result, dict) else "its result is neither null nor an object"
+    if not isinstance(result, dict):
+        return "its result is not an object"
+    for field in ("interfaces", "ips", "routes"):
+        entries = result.get(field, [])
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            return f"its result's {field} is not a list of objects"
+    if not all(isinstance(ip.get("address"), str) for ip in result.get("ips", [])):
+        return "an entry of its result's ips has no address"
+    if not isinstance(result.get("dns", {}), dict):
+        return "its result's dns is not an object"
+    return ""
 
 
 def record_pending_del(state_dir: str, request: dict[str, Any]) -> str:
@@ -132,12 +198,40 @@ def record_pending_del(state_dir: str, request: dict[str, Any]) -> str:
     key = f"{request['config'].get('name', '')}/{request['containerID']}/{request['ifname']}"
     path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(request, recorded=time.time()), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(dict(request, recorded=time.time()), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A half-written file (e.g. a full disk) would stay behind for good: the agent replays
+        # only *.json files and so never removes a *.tmp.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return path
+
+
+def _keep_del_for_the_agent(state_dir: str, request: dict[str, Any], agent_failure: AgentUnavailable) -> None:
+    """Record a DEL the agent could not take, or fail it so that the runtime sends it again.
+
+    Spec section "DEL": plugins "should generally complete a DEL action without error", which a
+    recorded DEL does: the agent carries it out when it is back. A DEL neither delivered nor
+    recorded would be lost (its addresses and interfaces leaked), so it fails with 11 ("try
+    again later", section "Error"), which makes the runtime send it again.
+    """
+    try:
+        record_pending_del(state_dir, request)
+    except OSError as exc:
+        folder = os.path.join(state_dir, "pending-del")
+        raise CniError(
+            spec.ERR_TRY_AGAIN_LATER,
+            f"the tulle agent is not available and the DEL cannot be recorded in {folder}: {_os_error_text(exc)}",
+            str(agent_failure),
+        )
 
 
 def run(command: str, env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
@@ -166,31 +260,66 @@ def run(command: str, env: dict[str, str], stdin: bytes) -> tuple[int, dict[str,
         socket_path = str(config.get("agentSocket", DEFAULT_SOCKET))
         try:
             answer = call_agent(socket_path, request, AGENT_TIMEOUT_S)
+            problem = _answer_shape_problem(command, answer)
+            if problem:
+                raise AgentUnavailable(
+                    f"the tulle agent at {socket_path} answered {command} with JSON of the wrong shape: {problem}"
+                )
         except AgentUnavailable as exc:
             if command == "DEL":
-                record_pending_del(str(config.get("stateDir", DEFAULT_STATE_DIR)), request)
+                _keep_del_for_the_agent(str(config.get("stateDir", DEFAULT_STATE_DIR)), request, exc)
                 return 0, None
             if command == "STATUS":
-                raise CniError(spec.ERR_PLUGIN_NOT_AVAILABLE, "the tulle agent is not running", str(exc))
-            raise CniError(spec.ERR_TRY_AGAIN_LATER, "the tulle agent is not reachable; try again later", str(exc))
+                # Spec section "STATUS": 50, "the plugin is not available (cannot service ADD requests)".
+                raise CniError(spec.ERR_PLUGIN_NOT_AVAILABLE, "the tulle agent is not available", str(exc))
+            # Spec section "Error": 11, "try again later", for a transient condition; the runtime retries.
+            raise CniError(spec.ERR_TRY_AGAIN_LATER, "the tulle agent is not available; try again later", str(exc))
         if "error" in answer:
             raise CniError.from_dict(answer["error"])
-        result = answer.get("result")
         if command == "ADD":
-            return 0, spec.convert_result(result or {}, version)
+            return 0, spec.convert_result(answer["result"], version)
         return 0, None
     except CniError as exc:
         return 1, exc.to_dict(_config_version(config))
 
 
 def main() -> None:
-    command = os.environ.get("CNI_COMMAND", "")
-    stdin = sys.stdin.buffer.read()
-    status, output = run(command, dict(os.environ), stdin)
-    if output is not None:
-        sys.stdout.write(quickjson.dumps(output))
-        sys.stdout.flush()
+    stdin = b""
+    try:
+        command = os.environ.get("CNI_COMMAND", "")
+        stdin = sys.stdin.buffer.read()
+        status, output = run(command, dict(os.environ), stdin)
+        if output is not None:
+            sys.stdout.write(quickjson.dumps(output))
+            sys.stdout.flush()
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        # The last resort, for a bug: a traceback is no answer to a runtime (spec section "Error":
+        # a failing plugin prints an error object on stdout and exits non-zero).
+        status = 1
+        _print_plugin_failure(exc, stdin)
     sys.exit(status)
+
+
+def _print_plugin_failure(exc: BaseException, stdin: bytes) -> None:
+    """Print error 102 for an exception the plugin did not expect; where it was raised goes in details."""
+    try:
+        version = _config_version(quickjson.loads(stdin))
+    except Exception:
+        version = spec.SPEC_VERSION
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = (
+        f"in {frame.tb_frame.f_code.co_name} at {frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else ""
+    )
+    error = CniError(spec.ERR_INTERNAL, f"the tulle plugin failed: {exc!r}", where)
+    try:
+        sys.stdout.write(quickjson.dumps(error.to_dict(version)))
+        sys.stdout.flush()
+    except Exception:
+        pass  # stdout itself is gone: the exit status is all the runtime can get
 
 
 if __name__ == "__main__":
