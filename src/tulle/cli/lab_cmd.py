@@ -29,6 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("--ipv4-only", action="store_true", help="IPv4 pools only (default: dual-stack)")
     p.add_argument("--lease-ttl", type=int, default=15, help=argparse.SUPPRESS)
     p.add_argument("--node-grace", type=float, default=60.0, help="seconds before a gone node's blocks are freed")
+    p.add_argument("--resync", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=up)
 
@@ -36,13 +37,13 @@ def register(sub: Any) -> None:
     p.add_argument("name")
     p.set_defaults(func=down)
 
-    node = labsub.add_parser("node", help="add or remove a node")
+    node = labsub.add_parser("node", help="add or remove a node, or restart its agent")
     nodesub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    p = nodesub.add_parser("add")
+    p = nodesub.add_parser("add", help="add a node (a namespace on the underlay) and start its agent")
     p.add_argument("name")
     p.add_argument("node")
     p.set_defaults(func=node_add)
-    p = nodesub.add_parser("del")
+    p = nodesub.add_parser("del", help="remove a node with its pods, as if the machine went away")
     p.add_argument("name")
     p.add_argument("node")
     p.set_defaults(func=node_del)
@@ -53,7 +54,7 @@ def register(sub: Any) -> None:
 
     pod = labsub.add_parser("pod", help="add or remove a pod")
     podsub = pod.add_subparsers(dest="pod_command", metavar="COMMAND", required=True)
-    p = podsub.add_parser("add")
+    p = podsub.add_parser("add", help="add a pod on a node (CNI ADD through the node's agent, or podman)")
     p.add_argument("name")
     p.add_argument("node")
     p.add_argument("pod", metavar="NAMESPACE/POD")
@@ -62,10 +63,22 @@ def register(sub: Any) -> None:
     p.add_argument("--runtime", choices=["cni", "podman"], default="cni")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=pod_add)
-    p = podsub.add_parser("del")
+    p = podsub.add_parser("del", help="delete a pod (CNI DEL, or podman rm) and its Pod object")
     p.add_argument("name")
     p.add_argument("pod", metavar="NAMESPACE/POD")
     p.set_defaults(func=pod_del)
+
+    etcd = labsub.add_parser("etcd", help="stop, start, pause or resume the lab's etcd (to make and show faults)")
+    etcdsub = etcd.add_subparsers(dest="etcd_command", metavar="COMMAND", required=True)
+    for command, text in (
+        ("stop", "stop etcd by its PID, keeping its data"),
+        ("start", "start etcd again on the same URL and data, and wait until it answers"),
+        ("pause", "freeze etcd (SIGSTOP): it keeps its connections but answers nothing"),
+        ("resume", "let a paused etcd run again (SIGCONT)"),
+    ):
+        p = etcdsub.add_parser(command, help=text)
+        p.add_argument("name")
+        p.set_defaults(func=etcd_command)
 
     p = labsub.add_parser("exec", help="run a command in a pod's network namespace")
     p.add_argument("name")
@@ -89,6 +102,7 @@ def _lab(name: str) -> Any:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
+    from tulle.datastore.base import DatastoreError
     from tulle.lab.cluster import LabError
     from tulle.lab.podman import PodmanError
     from tulle.lab.runtime import CniFailure
@@ -96,7 +110,16 @@ def _errors() -> tuple[type[BaseException], ...]:
     from tulle.lab.topology import TopologyError
     from tulle.model.validation import AdmissionError, ValidationError
 
-    return (LabError, LabNotFound, TopologyError, CniFailure, PodmanError, AdmissionError, ValidationError)
+    return (
+        LabError,
+        LabNotFound,
+        TopologyError,
+        CniFailure,
+        PodmanError,
+        AdmissionError,
+        ValidationError,
+        DatastoreError,  # the lab's etcd stopped or paused: say so, without a traceback
+    )
 
 
 def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -145,6 +168,7 @@ def up(args: argparse.Namespace) -> int:
             lease_ttl=args.lease_ttl,
             node_grace=args.node_grace,
             progress=_progress(not args.json),
+            resync=args.resync,
         )
     except _errors() as exc:
         raise UserError(f"{exc}\n(the lab is left as it is for inspection; `tulle lab down {args.name}` removes it)")
@@ -180,6 +204,24 @@ def node_del(args: argparse.Namespace) -> int:
 def node_restart_agent(args: argparse.Namespace) -> int:
     pid = _lab(args.name).restart_agent(args.node)
     print(f"agent of {args.node} restarted (pid {pid})")
+    return 0
+
+
+@_user_errors
+def etcd_command(args: argparse.Namespace) -> int:
+    lab = _lab(args.name)
+    if args.etcd_command == "stop":
+        lab.stop_etcd()
+        print(f"etcd of lab {args.name} stopped")
+    elif args.etcd_command == "start":
+        pid = lab.start_etcd()
+        print(f"etcd of lab {args.name} is running (pid {pid})")
+    elif args.etcd_command == "pause":
+        lab.pause_etcd()
+        print(f"etcd of lab {args.name} paused")
+    else:
+        lab.resume_etcd()
+        print(f"etcd of lab {args.name} resumed")
     return 0
 
 
@@ -238,19 +280,24 @@ def exec_in_pod(args: argparse.Namespace) -> int:
     return 127
 
 
+def _process_word(state: str) -> str:
+    return {"running": "running", "paused": "PAUSED"}.get(state, "STOPPED")
+
+
 @_user_errors
 def status(args: argparse.Namespace) -> int:
     info = _lab(args.name).status()
     if args.json:
         print_json(info)
         return 0
-    print(f"lab {info['name']}: {info['mode']} mode, etcd at {info['etcd']}")
+    etcd = info["etcdServer"]["state"]
+    print(f"lab {info['name']}: {info['mode']} mode, etcd at {info['etcd']} ({_process_word(etcd)})")
     rows = [
         [
             n["name"],
             ", ".join(n["addresses"]),
             f"subnet {n['subnet']}",
-            "running" if n["agent"]["running"] else "STOPPED",
+            _process_word(n["agent"]["state"]),
         ]
         for n in info["nodes"]
     ]
@@ -261,6 +308,15 @@ def status(args: argparse.Namespace) -> int:
             ["POD", "NODE", "IPS", "RUNTIME"],
             [[p["pod"], p["node"], ", ".join(p["ips"]), p["runtime"]] for p in info["pods"]],
         )
+    for p in info["podsInProgress"]:
+        doing = "being added" if p["phase"] == "adding" else "being deleted"
+        if p["stale"]:
+            doing += f" by a command that died (`tulle lab pod del {info['name']} {p['pod']}` clears it)"
+        print(f"pod {p['pod']} on {p['node']}: {doing}")
+    for key in info["podsGone"]:
+        print(f"pod {key}: gone (its namespace is gone; `tulle lab pod del {info['name']} {key}` clears it)")
+    if info["pendingPodDeletes"]:
+        print(f"Pod objects to delete when etcd answers: {', '.join(info['pendingPodDeletes'])}")
     ext = info.get("external", {})
     if ext:
         print(f"\nexternal host: {ext.get('netns')} ({', '.join(ext.get('addresses', []))})")

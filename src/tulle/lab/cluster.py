@@ -7,17 +7,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from tulle.cni.conflist import conflist, write_conflist
 from tulle.dataplane.netns import run_in_netns
 from tulle.datastore.etcd import EtcdDatastore
-from tulle.datastore.etcd_server import pid_alive, start_etcd, stop_pid
+from tulle.datastore.etcd_server import EtcdServer, pid_alive, stop_pid
+from tulle.datastore.etcd_server import start_etcd as launch_etcd
 from tulle.ipam.pools import pool_object
 from tulle.lab import state as lab_state
 from tulle.lab import topology
@@ -34,6 +37,7 @@ CNI_BIN_DIR = os.path.join(REPO, "bin", "cni")
 CNI_PATH = [CNI_BIN_DIR, "/usr/lib/cni"]
 NETWORK = "tulle"
 ETCD_PORT = 2379
+ETCD_PEER_PORT = 2380
 DEFAULT_POOLS = {4: ("default-ipv4", "10.244.0.0/16", 26), 6: ("default-ipv6", "fd00:10:244::/104", 122)}
 
 
@@ -63,11 +67,11 @@ class Lab:
 
     # -- the datastore, reached from inside the underlay ---------------------------------
 
-    def with_store(self, state: dict[str, Any], fn: Callable[[ResourceStore], T]) -> T:
+    def with_store(self, state: dict[str, Any], fn: Callable[[ResourceStore], T], timeout: float = 5.0) -> T:
         url = state["etcd"]["url"]
 
         def call() -> T:
-            ds = EtcdDatastore(url)
+            ds = EtcdDatastore(url, timeout=timeout)
             try:
                 return fn(ResourceStore(ds))
             finally:
@@ -85,6 +89,7 @@ class Lab:
         lease_ttl: int = 15,
         node_grace: float = 60.0,
         progress: Callable[[str], None] = lambda _m: None,
+        resync: float | None = None,
     ) -> dict[str, Any]:
         if os.path.exists(lab_state.state_path(self.name)) or topology.lab_namespaces(self.name):
             raise LabError(f"lab {self.name!r} exists already; `tulle lab down {self.name}` first")
@@ -97,7 +102,7 @@ class Lab:
             "ipv4Only": ipv4_only,
             "created": time.time(),
             "underlay": {"netns": self.names.underlay},
-            "agent": {"leaseTtl": lease_ttl, "nodeGrace": node_grace},
+            "agent": {"leaseTtl": lease_ttl, "nodeGrace": node_grace, "resync": resync},
             "nodes": {},
             "pods": {},
             "nextIndex": 1,
@@ -110,16 +115,8 @@ class Lab:
             state["external"] = {"netns": self.names.external, "addresses": list(ext)}
             lab_state.save(self.name, state)
             progress("etcd")
-            server = start_etcd(
-                data_dir=os.path.join(self.dir, "etcd"),
-                client_host=f"{topology.subnet_v4(1)}.1",
-                client_port=ETCD_PORT,
-                peer_port=2380,
-                log_path=os.path.join(self.dir, "etcd.log"),
-                netns=self.names.underlay,
-                name=f"{self.name}-etcd",
-            )
-            state["etcd"] = {"pid": server.pid, "url": server.url}
+            server = self._launch_etcd(f"http://{topology.subnet_v4(1)}.1:{ETCD_PORT}", self._etcd_data_dir())
+            state["etcd"] = {"pid": server.pid, "url": server.url, "dataDir": server.data_dir}
             lab_state.save(self.name, state)
             families = [4] if ipv4_only else [4, 6]
             self.with_store(state, lambda store: self._create_pools(store, families))
@@ -157,10 +154,10 @@ class Lab:
         for node_name, node in sorted(state.get("nodes", {}).items()):
             if node.get("pid"):
                 progress(f"agent {node_name}")
-                stop_pid(node["pid"], expect="tulle")
+                _stop(node["pid"], expect="tulle")
         if state.get("etcd", {}).get("pid"):
             progress("etcd")
-            stop_pid(state["etcd"]["pid"], expect="etcd")
+            _stop(state["etcd"]["pid"], expect="etcd")
         progress("namespaces")
         for ns in topology.lab_namespaces(self.name):
             topology.del_netns(ns)
@@ -220,6 +217,8 @@ class Lab:
             "--node-grace",
             str(state["agent"]["nodeGrace"]),
         ]
+        if state["agent"].get("resync"):
+            cmd += ["--resync", str(state["agent"]["resync"])]
         with open(os.path.join(node_dir, "agent.log"), "ab") as log:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             proc = subprocess.Popen(
@@ -254,29 +253,51 @@ class Lab:
             time.sleep(0.1)
         raise LabError(f"the agent of {node} is not ready after {timeout:.0f} s ({last}); see its agent.log")
 
+    # An agent is stopped and started under a lock of its own (two restarts at once would leave
+    # two agents on one node); the lab-wide lock is held only to write the PID, so a pod add
+    # waiting a minute on a stuck agent delays neither this nor anything else.
+
+    def _agent_pid(self, node: str) -> int:
+        record = lab_state.load(self.name)["nodes"].get(node)
+        if record is None:
+            raise LabError(f"lab {self.name} has no node {node}")
+        return int(record.get("pid") or 0)
+
+    def _spawn_agent(self, node: str) -> int:
+        with lab_state.locked(self.name) as state:
+            record = state["nodes"].get(node)
+            if record is None:
+                raise LabError(f"lab {self.name} has no node {node}")
+            record["pid"] = self._start_agent(state, node)
+            return int(record["pid"])
+
     def restart_agent(self, node: str) -> int:
         """Stop the node's agent by PID and start it again; pods stay as they are."""
-        with lab_state.locked(self.name) as state:
-            record = state["nodes"][node]
-            stop_pid(record["pid"], expect="tulle")
-            record["pid"] = self._start_agent(state, node)
+        with lab_state.exclusive(self.name, f"agent-{node}"):
+            pid = self._agent_pid(node)
+            if pid:
+                _stop(pid, expect="tulle")
+            pid = self._spawn_agent(node)
         self.wait_agent_ready(lab_state.load(self.name), node)
-        return int(record["pid"])
+        return pid
 
     def stop_agent(self, node: str) -> None:
-        with lab_state.locked(self.name) as state:
-            record = state["nodes"][node]
-            stop_pid(record["pid"], expect="tulle")
-            record["pid"] = 0
+        with lab_state.exclusive(self.name, f"agent-{node}"):
+            pid = self._agent_pid(node)
+            if pid:
+                _stop(pid, expect="tulle")
+            with lab_state.locked(self.name) as state:
+                if node in state["nodes"]:
+                    state["nodes"][node]["pid"] = 0
 
     def start_agent(self, node: str) -> int:
-        with lab_state.locked(self.name) as state:
-            record = state["nodes"][node]
-            if record.get("pid") and pid_alive(record["pid"]):
-                return int(record["pid"])
-            record["pid"] = self._start_agent(state, node)
+        with lab_state.exclusive(self.name, f"agent-{node}"):
+            pid = self._agent_pid(node)
+            if pid and pid_alive(pid):
+                return pid
+            pid = self._spawn_agent(node)
         self.wait_agent_ready(lab_state.load(self.name), node)
-        return int(record["pid"])
+        return pid
 
     def add_node(self, node: str) -> dict[str, Any]:
         with lab_state.locked(self.name) as state:
@@ -290,8 +311,9 @@ class Lab:
 
     def del_node(self, node: str) -> None:
         """The node goes away: its agent stops, its namespace (and pods) vanish, its Node object is
-        deleted; the other nodes drop their routes to it and free its blocks after the grace period."""
-        with lab_state.locked(self.name) as state:
+        deleted; the other nodes drop their routes to it and free its blocks after the grace period.
+        Its pods' Pod objects go too, as Kubernetes collects the pods of a deleted node."""
+        with lab_state.exclusive(self.name, f"agent-{node}"), lab_state.locked(self.name) as state:
             record = state["nodes"].get(node)
             if record is None:
                 raise LabError(f"lab {self.name} has no node {node}")
@@ -302,14 +324,86 @@ class Lab:
                     elif pod.get("netns"):
                         topology.del_netns(os.path.basename(pod["netns"]))
                     del state["pods"][key]
+                    _owe_pod_delete(state, key)
             if record.get("pid"):
-                stop_pid(record["pid"], expect="tulle")
+                _stop(record["pid"], expect="tulle")
             topology.delete_node(self.names, node, record["index"])
             self.with_store(state, lambda store: store.delete(NODE, node))
             shutil.rmtree(self.node_dir(node), ignore_errors=True)
             del state["nodes"][node]
+        self._retry_pod_deletes(timeout=5.0)
+
+    # -- etcd -------------------------------------------------------------------------------
+    # Stopped, started, paused and resumed by PID under a lock of its own, so that faults of the
+    # datastore can be made and shown; its data directory is kept, so nothing is lost.
+
+    def _etcd_data_dir(self) -> str:
+        return os.path.join(self.dir, "etcd")
+
+    def _launch_etcd(self, url: str, data_dir: str) -> EtcdServer:
+        parts = urlsplit(url)
+        assert parts.hostname is not None, url
+        try:
+            return launch_etcd(
+                data_dir=data_dir,
+                client_host=parts.hostname,
+                client_port=parts.port or ETCD_PORT,
+                peer_port=ETCD_PEER_PORT,
+                log_path=os.path.join(self.dir, "etcd.log"),
+                netns=self.names.underlay,
+                name=f"{self.name}-etcd",
+            )
+        except RuntimeError as exc:
+            raise LabError(str(exc))
+
+    def _etcd_pid(self) -> int:
+        return int(lab_state.load(self.name).get("etcd", {}).get("pid") or 0)
+
+    def stop_etcd(self) -> None:
+        """Stop the lab's etcd by PID, keeping its data: clients get their connections refused."""
+        with lab_state.exclusive(self.name, "etcd"):
+            pid = self._etcd_pid()
+            if pid:
+                _stop(pid, expect="etcd")
+            with lab_state.locked(self.name) as state:
+                state["etcd"]["pid"] = 0
+
+    def start_etcd(self) -> int:
+        """Start the lab's etcd again, on the same URL and data directory, and wait until it answers;
+        then delete the Pod objects that pod deletes owe. A paused etcd is resumed."""
+        with lab_state.exclusive(self.name, "etcd"):
+            state = lab_state.load(self.name)
+            pid = int(state["etcd"].get("pid") or 0)
+            found = _process_state(pid, "etcd")
+            if found == "paused":
+                _signal(pid, signal.SIGCONT, "etcd")
+            elif found == "stopped":
+                server = self._launch_etcd(state["etcd"]["url"], state["etcd"].get("dataDir") or self._etcd_data_dir())
+                pid = server.pid
+                with lab_state.locked(self.name) as now:
+                    now["etcd"]["pid"] = pid
+        self._retry_pod_deletes(timeout=5.0)
+        return pid
+
+    def pause_etcd(self) -> None:
+        """SIGSTOP etcd: it keeps its sockets but answers nothing, so clients wait out their
+        timeouts (a hung datastore, where a stopped one refuses connections at once)."""
+        with lab_state.exclusive(self.name, "etcd"):
+            if not _signal(self._etcd_pid(), signal.SIGSTOP, "etcd"):
+                raise LabError(f"the etcd of lab {self.name} is not running")
+
+    def resume_etcd(self) -> None:
+        """SIGCONT a paused etcd."""
+        with lab_state.exclusive(self.name, "etcd"):
+            if not _signal(self._etcd_pid(), signal.SIGCONT, "etcd"):
+                raise LabError(f"the etcd of lab {self.name} is not running")
+        self._retry_pod_deletes(timeout=5.0)
 
     # -- pods -------------------------------------------------------------------------------
+    # The lab-wide lock is held only for short read-modify-write steps of lab.json: a pod's key
+    # is reserved ("adding", "deleting") under the lock, the CNI ADD or DEL (which can wait up to
+    # a minute on a stuck agent) and podman run without it, and the result is recorded under it.
+    # A reservation carries a token (is it still ours?) and its owner process (is it stale?).
 
     def _podman(self, record: dict[str, Any], node: str) -> Podman:
         return Podman(self.node_dir(node), record["netns"], os.path.join(self.node_dir(node), "cni"), CNI_PATH)
@@ -323,71 +417,147 @@ class Lab:
         ports: list[dict[str, Any]],
         runtime: str = "cni",
     ) -> dict[str, Any]:
+        """Add a pod as a kubelet does: the Pod object, the sandbox's network (CNI ADD, or podman
+        run), then the Pod's status. A failed add leaves nothing in the books: what it made is
+        undone, and a Pod object that cannot be deleted yet is owed."""
+        if runtime not in ("cni", "podman"):
+            raise LabError(f"--runtime must be cni or podman, not {runtime!r}")
+        if runtime == "podman" and namespace != "default":
+            raise LabError("podman passes no K8S_POD_NAMESPACE, so podman pods live in namespace 'default'")
+        key = f"{namespace}/{pod}"
+        self._retry_pod_deletes()
+        token = uuid.uuid4().hex
         with lab_state.locked(self.name) as state:
             if not state:
                 raise lab_state.LabNotFound(f"there is no lab named {self.name!r}")
             record = state["nodes"].get(node)
             if record is None:
                 raise LabError(f"lab {self.name} has no node {node} (nodes: {', '.join(sorted(state['nodes']))})")
-            key = f"{namespace}/{pod}"
             if key in state["pods"]:
-                raise LabError(f"pod {key} exists already in lab {self.name}")
-            if runtime == "podman" and namespace != "default":
-                raise LabError("podman passes no K8S_POD_NAMESPACE, so podman pods live in namespace 'default'")
-            pod_obj = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": pod, "namespace": namespace, "labels": labels},
-                "spec": {
-                    "nodeName": node,
-                    "containers": [{"name": "main", "image": "busybox", "ports": ports}],
-                },
-            }
-
-            def write(store: ResourceStore) -> None:
-                if store.get(NAMESPACE, namespace) is None:
-                    ns_obj = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
-                    store.apply(_admit(ns_obj, store))
-                store.apply(_admit(pod_obj, store))
-
-            self.with_store(state, write)
+                phase = state["pods"][key].get("phase")
+                busy = f" (being {'added' if phase == 'adding' else 'deleted'})" if phase else ""
+                raise LabError(f"pod {key} exists already in lab {self.name}{busy}")
             entry: dict[str, Any] = {"node": node, "runtime": runtime, "ifname": "eth0"}
-            conf = self._conflist(node)
             if runtime == "cni":
-                netns = self.names.pod(namespace, pod)
-                topology.add_netns(netns)
-                entry["netns"] = f"/run/netns/{netns}"
+                entry["netns"] = f"/run/netns/{self.names.pod(namespace, pod)}"
                 entry["containerID"] = uuid.uuid4().hex
                 entry["args"] = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
-                try:
-                    result = CniRuntime(CNI_PATH, f"/run/netns/{record['netns']}").add(
-                        conf, entry["containerID"], entry["netns"], "eth0", entry["args"]
-                    )
-                except BaseException:
-                    topology.del_netns(netns)
-                    self.with_store(state, lambda store: store.delete(POD, pod, namespace))
-                    raise
-                entry["result"] = result
-            elif runtime == "podman":
-                make_rootfs(os.path.join(self.dir, "rootfs"))
-                podman = self._podman(record, node)
-                try:
-                    info = podman.start(pod, NETWORK, os.path.join(self.dir, "rootfs"))
-                except BaseException:
-                    podman.remove(pod)
-                    self.with_store(state, lambda store: store.delete(POD, pod, namespace))
-                    raise
+            else:
                 entry["container"] = pod
+                # Under the lock: quick once made, and two adds must not make it at once.
+                make_rootfs(os.path.join(self.dir, "rootfs"))
+            state["pods"][key] = dict(entry, phase="adding", owner=_owner(), reservation=token)
+            # The Pod object is written afresh below: a delete still owed for the name must not
+            # remove it later.
+            _forget_pod_delete(state, key)
+        pod_obj = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": namespace, "labels": labels},
+            "spec": {
+                "nodeName": node,
+                "containers": [{"name": "main", "image": "busybox", "ports": ports}],
+            },
+        }
+
+        def write(store: ResourceStore) -> None:
+            if store.get(NAMESPACE, namespace) is None:
+                ns_obj = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+                store.apply(_admit(ns_obj, store))
+            store.apply(_admit(pod_obj, store))
+
+        undo: list[Callable[[], None]] = []
+        wrote_pod = False
+        try:
+            conf = self._conflist(node)
+            wrote_pod = True  # before the write: one that timed out may still have landed
+            self.with_store(state, write)
+            if runtime == "cni":
+                netns = os.path.basename(entry["netns"])
+                topology.add_netns(netns)
+                undo.append(lambda: topology.del_netns(netns))
+                cni = CniRuntime(CNI_PATH, f"/run/netns/{record['netns']}")
+                result = cni.add(conf, entry["containerID"], entry["netns"], "eth0", entry["args"])
+                # A runtime that cannot go on after a successful ADD gives back what it took.
+                undo.append(
+                    lambda: cni.delete(conf, entry["containerID"], entry["netns"], "eth0", entry["args"], result)
+                )
+                entry["result"] = result
+            else:
+                podman = self._podman(record, node)
+                undo.append(lambda: podman.remove(pod))
+                info = podman.start(pod, NETWORK, os.path.join(self.dir, "rootfs"))
                 entry["containerID"] = info["Id"]
                 entry["netns"] = info["NetworkSettings"]["SandboxKey"]
                 entry["result"] = None
-            else:
-                raise LabError(f"--runtime must be cni or podman, not {runtime!r}")
             entry["ips"] = self._pod_addresses(entry["netns"])
-            state["pods"][key] = entry
             host_ip = record["addresses"][0]
             self.with_store(state, lambda store: _mark_running(store, namespace, pod, entry["ips"], host_ip))
-            return {"pod": key, "node": node, "ips": entry["ips"]}
+            with lab_state.locked(self.name) as now:
+                if now.get("pods", {}).get(key, {}).get("reservation") != token:
+                    raise LabError(f"pod {key} was removed from lab {self.name} while it was being added")
+                now["pods"][key] = entry
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:
+                    pass  # the error that stopped the add is the one to report, not a clean-up's
+            deleted = not wrote_pod or self._delete_pod_object(state, namespace, pod)
+            self._strike(key, token, pod_object_deleted=deleted)
+            raise
+        return {"pod": key, "node": node, "ips": entry["ips"]}
+
+    def _delete_pod_object(self, state: dict[str, Any], namespace: str, pod: str, timeout: float = 3.0) -> bool:
+        """Delete the Pod object; False if the datastore did not answer (the delete is then owed)."""
+        try:
+            self.with_store(state, lambda store: store.delete(POD, pod, namespace), timeout=timeout)
+        except Exception:  # whatever kept it from etcd, a later command tries again
+            return False
+        return True
+
+    def _strike(self, key: str, token: str, pod_object_deleted: bool) -> None:
+        """Take a reserved pod out of the books; remember its Pod object if it could not be deleted."""
+        with lab_state.locked(self.name) as state:
+            pods = state.get("pods", {})
+            if pods.get(key, {}).get("reservation") == token:
+                del pods[key]
+            # A pod added again under the name since owns the Pod object now: nothing is owed.
+            if not pod_object_deleted and key not in pods:
+                _owe_pod_delete(state, key)
+
+    def _retry_pod_deletes(self, timeout: float = 2.0) -> None:
+        """Delete the Pod objects that earlier deletes owe, if etcd answers now; never fails or
+        holds up a command for longer than the timeout.
+
+        The deletes run under the lab-wide lock: a pod added again under the same name meanwhile
+        must not lose its new Pod object to the old delete (an add forgets the owed delete under
+        the same lock). The short timeout bounds how long the lock is held."""
+        try:
+            state = lab_state.load(self.name)
+            if not state.get("pendingPodDeletes") or _process_state(self._etcd_pid(), "etcd") != "running":
+                return
+            with lab_state.locked(self.name) as now:
+                owed = [k for k in now.get("pendingPodDeletes", []) if k not in now.get("pods", {})]
+                done: list[str] = []
+
+                def delete_owed(store: ResourceStore) -> None:
+                    for key in owed:
+                        namespace, _, pod = key.partition("/")
+                        store.delete(POD, pod, namespace)
+                        done.append(key)
+
+                try:
+                    self.with_store(now, delete_owed, timeout=timeout)
+                except Exception:
+                    pass  # still away: what is left stays owed
+                left = [k for k in now.get("pendingPodDeletes", []) if k in owed and k not in done]
+                if left:
+                    now["pendingPodDeletes"] = left
+                else:
+                    now.pop("pendingPodDeletes", None)
+        except Exception:
+            pass  # a retry is a courtesy of this command; its failure is not the command's
 
     @staticmethod
     def _pod_addresses(netns: str) -> list[str]:
@@ -411,12 +581,28 @@ class Lab:
             return data
 
     def del_pod(self, namespace: str, pod: str) -> None:
+        """Delete a pod as a kubelet does: the sandbox's network (CNI DEL, or podman rm), then the
+        Pod object. Once the DEL has succeeded and the namespace is gone, so is the pod, whatever
+        the datastore says (the agent defers the address release when etcd is away, the plugin
+        the whole DEL when the agent is): a Pod object that cannot be deleted now is owed."""
         key = f"{namespace}/{pod}"
+        self._retry_pod_deletes()
+        token = uuid.uuid4().hex
         with lab_state.locked(self.name) as state:
+            if not state:
+                raise lab_state.LabNotFound(f"there is no lab named {self.name!r}")
             entry = state.get("pods", {}).get(key)
             if entry is None:
                 raise LabError(f"lab {self.name} has no pod {key}")
+            phase = entry.get("phase")
+            if phase and _owner_alive(entry.get("owner", "")):
+                doing = "added" if phase == "adding" else "deleted"
+                raise LabError(f"pod {key} is being {doing} by another command; try again when it is done")
+            # A reservation whose owner died (a killed `lab pod add`) is deleted like a pod.
+            before = dict(entry)
+            state["pods"][key] = dict(entry, phase="deleting", owner=_owner(), reservation=token)
             record = state["nodes"][entry["node"]]
+        try:
             if entry["runtime"] == "podman":
                 self._podman(record, entry["node"]).remove(entry["container"])
             else:
@@ -429,50 +615,149 @@ class Lab:
                     prev_result=entry.get("result"),
                 )
                 topology.del_netns(os.path.basename(entry["netns"]))
-            self.with_store(state, lambda store: store.delete(POD, pod, namespace))
-            del state["pods"][key]
+        except BaseException:
+            # The DEL failed: the pod is still there as it was, for the runtime (the user) to retry.
+            with lab_state.locked(self.name) as now:
+                if now.get("pods", {}).get(key, {}).get("reservation") == token:
+                    now["pods"][key] = before
+            raise
+        self._strike(key, token, pod_object_deleted=self._delete_pod_object(state, namespace, pod))
 
     def pod_netns(self, namespace: str, pod: str) -> str:
         state = lab_state.load(self.name)
         entry = state.get("pods", {}).get(f"{namespace}/{pod}")
-        if entry is None:
+        if entry is None or entry.get("phase"):
             raise LabError(f"lab {self.name} has no pod {namespace}/{pod}")
         return str(entry["netns"])
 
     # -- status -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """The lab as it is: a pod is listed once added and while its namespace exists (a pod
+        whose namespace is gone is gone, whatever lab.json says); processes as the kernel sees them."""
+        self._retry_pod_deletes(timeout=1.0)
         state = lab_state.load(self.name)
         nodes = []
         for name, record in sorted(state["nodes"].items(), key=lambda kv: kv[1]["index"]):
-            alive = bool(record.get("pid")) and pid_alive(record["pid"])
+            agent = _process_state(int(record.get("pid") or 0), "tulle")
             nodes.append(
                 {
                     "name": name,
                     "netns": record["netns"],
                     "addresses": record.get("addresses", []),
                     "subnet": record["subnet"],
-                    "agent": {"pid": record.get("pid"), "running": alive},
+                    "agent": {"pid": record.get("pid"), "running": agent != "stopped", "state": agent},
                 }
             )
-        pods = [
-            {
-                "pod": key,
-                "node": p["node"],
-                "ips": p.get("ips", []),
-                "runtime": p["runtime"],
-                "netns": p["netns"],
-            }
-            for key, p in sorted(state["pods"].items())
-        ]
+        pods: list[dict[str, Any]] = []
+        busy: list[dict[str, Any]] = []
+        gone: list[str] = []
+        for key, p in sorted(state["pods"].items()):
+            if p.get("phase"):
+                stale = not _owner_alive(p.get("owner", ""))
+                busy.append({"pod": key, "node": p["node"], "phase": p["phase"], "stale": stale})
+            elif not os.path.exists(p["netns"]):
+                gone.append(key)
+            else:
+                pods.append(
+                    {
+                        "pod": key,
+                        "node": p["node"],
+                        "ips": p.get("ips", []),
+                        "runtime": p["runtime"],
+                        "netns": p["netns"],
+                    }
+                )
+        etcd = state.get("etcd", {})
         return {
             "name": self.name,
             "mode": state["mode"],
-            "etcd": state.get("etcd", {}).get("url"),
+            "etcd": etcd.get("url"),
+            "etcdServer": {
+                "url": etcd.get("url"),
+                "pid": etcd.get("pid"),
+                "state": _process_state(int(etcd.get("pid") or 0), "etcd"),
+            },
             "nodes": nodes,
             "pods": pods,
+            "podsInProgress": busy,
+            "podsGone": gone,
+            "pendingPodDeletes": list(state.get("pendingPodDeletes", [])),
             "external": state.get("external", {}),
         }
+
+
+def _owe_pod_delete(state: dict[str, Any], key: str) -> None:
+    state["pendingPodDeletes"] = sorted({*state.get("pendingPodDeletes", []), key})
+
+
+def _forget_pod_delete(state: dict[str, Any], key: str) -> None:
+    left = [k for k in state.get("pendingPodDeletes", []) if k != key]
+    if left:
+        state["pendingPodDeletes"] = left
+    else:
+        state.pop("pendingPodDeletes", None)
+
+
+# -- processes, by PID ------------------------------------------------------------------------
+
+
+def _runs(pid: int, expect: str) -> bool:
+    """Is `pid` a live process whose command line names `expect` (a reused PID is not ours)?"""
+    if pid <= 0 or not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return expect.encode() in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def _process_state(pid: int, expect: str) -> str:
+    """'running', 'paused' (SIGSTOP) or 'stopped'."""
+    if not _runs(pid, expect):
+        return "stopped"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            letter = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "stopped"
+    return "paused" if letter in ("T", "t") else "running"
+
+
+def _signal(pid: int, sig: signal.Signals, expect: str) -> bool:
+    if not _runs(pid, expect):
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(pid: int, expect: str) -> None:
+    """stop_pid, after a SIGCONT: a paused process acts on SIGTERM only once it runs again, and
+    would otherwise be stopped by SIGKILL, without its clean shutdown, after stop_pid's wait."""
+    _signal(pid, signal.SIGCONT, expect)
+    stop_pid(pid, expect=expect)
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (FileNotFoundError, IndexError):
+        return ""
+
+
+def _owner() -> str:
+    """This process as the owner of a reservation: PID and start time (a PID alone is reused)."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _owner_alive(owner: str) -> bool:
+    pid, _, started = owner.partition(":")
+    return pid.isdigit() and pid_alive(int(pid)) and _start_time(int(pid)) == started
 
 
 def _mark_running(store: ResourceStore, namespace: str, pod: str, ips: list[str], host_ip: str) -> None:

@@ -56,6 +56,19 @@ def locked(name: str) -> Iterator[dict[str, Any]]:
             save(name, state)
 
 
+@contextmanager
+def exclusive(name: str, what: str) -> Iterator[None]:
+    """A lock of its own for one part of the lab (one node's agent, the etcd server).
+
+    Stopping and starting a process must not run twice at once (two agents on one node), yet
+    waiting for a process to stop must not hold the lab-wide lock that every pod add and
+    delete takes. Order: take this lock before `locked`, never while holding it."""
+    load(name)  # no lab, no lock file: a typo must not create a lab folder
+    with open(os.path.join(lab_dir(name), f".lock-{what}"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def enter_lab_datastore(name: str) -> str:
     """Move this process into the lab's underlay namespace, where its etcd listens; return the URL.
 
