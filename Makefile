@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CNI_BIN := bin/cni/tulle
 STAMPS := .make
 
-.PHONY: all deps venv cni demo test unit lint bench clean
+.PHONY: all deps venv cni demo test unit lint bench chaos clean
 
 all: cni
 
@@ -41,6 +41,12 @@ unit: venv cni
 
 test: deps venv cni lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# A long chaos round (tests/e2e/test_chaos.py); `make test` runs a bounded one.
+# CHAOS_SEED=N replays a round's choice of faults.
+CHAOS_SECONDS ?= 600
+chaos: deps venv cni
+	CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -q -s tests/e2e/test_chaos.py
 
 bench: deps venv cni
 	$(PY) -m bench $(BENCH_ARGS)

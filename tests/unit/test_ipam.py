@@ -178,12 +178,68 @@ def test_n_blocks_and_n_plus_one_agents_behind_a_barrier(datastore: EtcdDatastor
     assert len(set(owners.values())) == 4
 
 
+def _nothing_held(_address: str) -> bool:
+    return False
+
+
 def test_gone_node_blocks_are_freed(datastore: EtcdDatastore, prefix: str) -> None:
     pools = [pool("v4", "10.16.0.0/24", 26)]
     NodeAllocator(datastore, prefix, "gone", lambda: pools).allocate("net/c/eth0", [4])
     NodeAllocator(datastore, prefix, "stays", lambda: pools).ensure_block(4)
-    assert release_node_blocks(datastore, prefix, "gone")
+    assert release_node_blocks(datastore, prefix, "gone", _nothing_held)
     assert {b.node for b in list_blocks(datastore, prefix)} == {"stays"}
+
+
+def test_invariant_8_a_block_where_an_endpoint_holds_an_address_is_not_freed(
+    datastore: EtcdDatastore, prefix: str
+) -> None:
+    pools = [pool("v4", "10.16.1.0/24", 26)]
+    gone = NodeAllocator(datastore, prefix, "gone", lambda: pools)
+    [address] = gone.allocate("net/c/eth0", [4])
+    assert release_node_blocks(datastore, prefix, "gone", {str(address)}.__contains__) == []
+    assert {b.node for b in list_blocks(datastore, prefix)} == {"gone"}
+
+
+def test_invariant_7_an_address_an_endpoint_holds_is_never_given(datastore: EtcdDatastore, prefix: str) -> None:
+    """IPAM's record lost (the block says the address is free) while a pod still holds it."""
+    pools = [pool("v4", "10.16.2.0/24", 26)]
+    alloc = NodeAllocator(datastore, prefix, "n", lambda: pools)
+    [first] = alloc.allocate("net/old/eth0", [4])
+    alloc.release("net/old/eth0")  # lost behind the pod's back
+    [second] = alloc.allocate("net/new/eth0", [4], held={str(first)}.__contains__)
+    assert second != first
+
+
+def test_invariant_7_reclaim_records_a_running_endpoints_addresses_again(datastore: EtcdDatastore, prefix: str) -> None:
+    """An agent restarted after its block was freed (as a node wrongly thought gone): it claims
+    the block again and records its pods' addresses, so a new pod gets another address."""
+    pools = [pool("v4", "10.16.3.0/24", 26)]
+    alloc = NodeAllocator(datastore, prefix, "n", lambda: pools)
+    [held] = alloc.allocate("net/old/eth0", [4])
+    assert release_node_blocks(datastore, prefix, "n", _nothing_held)
+    again = NodeAllocator(datastore, prefix, "n", lambda: pools)  # the restarted agent
+    recorded, conflicts = again.reclaim([("net/old/eth0", [str(held)], {"pod": "x/old"})])
+    assert (recorded, conflicts) == ([str(held)], [])
+    assert again.allocations() == {"net/old/eth0": [str(held)]}
+    assert again.reclaim([("net/old/eth0", [str(held)], {"pod": "x/old"})]) == ([], [])  # idempotent
+    [new] = again.allocate("net/new/eth0", [4])
+    assert new != held
+
+
+def test_reclaim_reports_an_address_held_by_another_and_takes_nothing_over(
+    datastore: EtcdDatastore, prefix: str
+) -> None:
+    pools = [pool("v4", "10.16.4.0/24", 26)]
+    alloc = NodeAllocator(datastore, prefix, "n", lambda: pools)
+    [address] = alloc.allocate("net/other/eth0", [4], {"pod": "x/other"})
+    recorded, conflicts = alloc.reclaim([("net/mine/eth0", [str(address)], {"pod": "x/mine"})])
+    assert recorded == []
+    assert conflicts == [f"x/mine: address {address} is held in IPAM by x/other"]
+    assert alloc.allocations() == {"net/other/eth0": [str(address)]}
+    # an address in another node's block: reported too
+    [theirs] = NodeAllocator(datastore, prefix, "m", lambda: pools).allocate("net/t/eth0", [4])
+    _, conflicts = alloc.reclaim([("net/mine/eth0", [str(theirs)], {"pod": "x/mine"})])
+    assert len(conflicts) == 1 and "which node m holds now" in conflicts[0]
 
 
 class ListCountingDatastore:
@@ -224,7 +280,7 @@ def test_a_block_freed_behind_the_agents_back_is_never_allocated_from(datastore:
     mine = NodeAllocator(datastore, prefix, "back", lambda: pools)
     first = mine.allocate("net/c1/eth0", [4])[0]
     [held] = list_blocks(datastore, prefix)
-    assert release_node_blocks(datastore, prefix, "back")
+    assert release_node_blocks(datastore, prefix, "back", _nothing_held)
     stolen = Block(cidr=held.cidr, pool="v4", node="thief")
     assert datastore.create(block_key(prefix, held.cidr), stolen.to_json())
     thief = NodeAllocator(datastore, prefix, "thief", lambda: pools)

@@ -2,7 +2,9 @@
 
 The plugin binary has already checked the environment and the configuration; here the work
 is done: addresses from IPAM, the veth into the pod, the endpoint record on disk and in the
-datastore. ADD is all or nothing; DEL is idempotent and never fails for lack of state.
+datastore. ADD is all or nothing, and a failed ADD leaves nothing behind (what the datastore
+could not take back is recorded as a pending DEL); DEL is idempotent and never fails for lack
+of state. No address a live endpoint holds is ever given to another pod.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tulle.agent.endpoints import Endpoint, handle_for, host_ifname_for
@@ -66,6 +69,18 @@ def wep_object(ep: Endpoint, node: str) -> dict[str, Any]:
             "hostInterface": ep.host_ifname,
             "mac": ep.mac,
         },
+    }
+
+
+def deferred_del(ep: Endpoint) -> dict[str, Any]:
+    """The DEL request that gives back what `ep` holds in the datastore, to be replayed later."""
+    return {
+        "command": "DEL",
+        "containerID": ep.container_id,
+        "ifname": ep.ifname,
+        "netns": ep.netns,
+        "args": {"K8S_POD_NAMESPACE": ep.namespace, "K8S_POD_NAME": ep.pod},
+        "config": {"name": ep.network},
     }
 
 
@@ -164,10 +179,12 @@ class CniService:
             )
             steps = Stopwatch()
             agent.registry.put(ep)  # state "adding": rolled back on start if we die half-way
+            conflicts: list[str] = []
             try:
-                ips = agent.allocator.allocate(
-                    handle, agent.families, {"pod": f"{namespace}/{pod}", "node": agent.config.node}
-                )
+                attrs = {"pod": f"{namespace}/{pod}", "node": agent.config.node}
+                ips = agent.allocator.allocate(handle, agent.families, attrs, self._held_by_other(handle, conflicts))
+                if conflicts:
+                    self._refuse_for_conflicts(f"{namespace}/{pod}", conflicts)
                 steps.lap("ipam")
                 ep.ips = [f"{ip}/{ip.max_prefixlen}" for ip in ips]
                 ep.mac = podnet.create(self._pod_interface(ep))
@@ -175,10 +192,10 @@ class CniService:
                 ep.host_mac = podnet.HOST_MAC
                 ep.state = "ready"
                 agent.registry.put(ep)
-                self._publish(ep)
+                self.publish(ep)
                 steps.lap("publish")
             except BaseException as exc:
-                self._teardown(ep)
+                self.teardown_or_defer(ep)
                 if isinstance(exc, IpamError):
                     raise CniError(spec.ERR_IPAM_EXHAUSTED, str(exc))
                 if isinstance(exc, NetnsGone):
@@ -200,32 +217,83 @@ class CniService:
             netns=ep.netns, ifname=ep.ifname, host_ifname=ep.host_ifname, addresses=tuple(ep.ips), mtu=ep.mtu
         )
 
-    def _publish(self, ep: Endpoint) -> None:
+    def _held_by_other(self, handle: str, conflicts: list[str]) -> Callable[[str], bool]:
+        """For IPAM: whether an endpoint other than `handle` holds an address (this node's
+        registry, or any node's WorkloadEndpoint), noting each such address in `conflicts`."""
+        agent = self.agent
+
+        def held(address: str) -> bool:
+            for ep in agent.registry.all():
+                if ep.handle != handle and address in ep.addresses():
+                    conflicts.append(f"{address} is held by pod {ep.namespace}/{ep.pod} on this node")
+                    agent.allocator.reclaim(
+                        [(ep.handle, ep.addresses(), {"pod": f"{ep.namespace}/{ep.pod}", "node": agent.config.node})]
+                    )
+                    return True
+            for holder in agent.cache.address_holders(address):
+                # This node's endpoints are judged by its registry above: the cache may still
+                # hold one that a DEL has just deleted, which must not stop the next ADD.
+                if holder.handle != handle and holder.node != agent.config.node:
+                    conflicts.append(f"{address} is held by {holder.description}")
+                    agent.allocator.reclaim([(holder.handle, [address], {"pod": f"{holder.namespace}/{holder.pod}"})])
+                    return True
+            return False
+
+        return held
+
+    def _refuse_for_conflicts(self, pod: str, conflicts: list[str]) -> None:
+        """IPAM offered an address that a live endpoint holds: its records had lost the holder.
+        They are repaired now (`_held_by_other` recorded the holder again); this ADD is refused
+        loudly rather than quietly given another address, so the fault is seen, and the runtime's
+        retry gets a clean allocation."""
+        log.error("IPAM offered an address a live pod holds", extra={"pod": pod, "conflicts": conflicts})
+        raise CniError(
+            spec.ERR_TRY_AGAIN_LATER,
+            f"IPAM offered {pod} an address that another pod holds; its record is repaired: try again",
+            "; ".join(conflicts),
+        )
+
+    def publish(self, ep: Endpoint) -> None:
         """The WorkloadEndpoint: tells every node which pod has which addresses."""
         self.agent.store.put(wep_object(ep, self.agent.config.node))
 
     def _teardown(self, ep: Endpoint) -> None:
-        """Undo everything an endpoint may hold; idempotent. Raises DatastoreError if it cannot release."""
+        """Undo everything an endpoint may hold; idempotent. Raises DatastoreError if it cannot release.
+        The WorkloadEndpoint goes before the addresses: an address is never free in IPAM while
+        an endpoint still says it is held."""
         podnet.delete(ep.host_ifname)
-        self.agent.allocator.release(ep.handle)
         self.agent.store.delete(WORKLOAD_ENDPOINT, wep_name(ep.pod, ep.handle), ep.namespace)
+        self.agent.allocator.release(ep.handle)
         self.agent.registry.remove(ep)
+
+    def teardown_or_defer(self, ep: Endpoint) -> None:
+        """Undo an endpoint now; what the datastore cannot take now (its addresses, its
+        WorkloadEndpoint) is left to a pending DEL, so no state file is left behind and nothing
+        is lost. Never raises DatastoreError."""
+        try:
+            self._teardown(ep)
+        except DatastoreError:
+            self.agent.defer_delete(deferred_del(ep))
+            self.agent.registry.remove(ep)
+            log.warning(
+                "the datastore is away: releasing the addresses later",
+                extra={"pod": f"{ep.namespace}/{ep.pod}", "handle": ep.handle},
+            )
 
     # -- DEL --------------------------------------------------------------------------------
 
     def delete(self, request: dict[str, Any]) -> None:
-        try:
-            self._delete(request)
-        except DatastoreError:
-            # The datastore is away: the interface is gone already; the addresses are given back
-            # when the agent replays this DEL. The runtime sees success, as the spec wants.
-            self.agent.defer_delete(request)
-            log.warning("DEL deferred until the datastore answers", extra={"container": request["containerID"]})
-            return
+        # With the datastore away the interface is gone at once and the addresses are given back
+        # when the agent replays the recorded DEL: the runtime sees success, as the spec wants.
+        self._delete(request, defer=True)
         self.agent.request_reconcile()
 
-    def _delete(self, request: dict[str, Any]) -> None:
-        """Tear the attachment down; raises DatastoreError if the addresses could not be given back."""
+    def delete_now(self, request: dict[str, Any]) -> None:
+        """A DEL that waited (a pending one): raises DatastoreError if the datastore is still away."""
+        self._delete(request, defer=False)
+
+    def _delete(self, request: dict[str, Any], defer: bool) -> None:
+        """Tear the attachment down, deferring what the datastore cannot take now if `defer`."""
         agent = self.agent
         network = request["config"]["name"]
         container_id, ifname = request["containerID"], request["ifname"]
@@ -245,7 +313,10 @@ class CniService:
                     pod=pod,
                     host_ifname=host_ifname_for(network, container_id, ifname),
                 )
-            self._teardown(ep)
+            if defer:
+                self.teardown_or_defer(ep)
+            else:
+                self._teardown(ep)
         log.info("pod deleted", extra={"pod": f"{ep.namespace}/{ep.pod}", "handle": handle})
 
     # -- CHECK ------------------------------------------------------------------------------
@@ -303,7 +374,7 @@ class CniService:
         for ep in agent.registry.all():
             if ep.network == network and (ep.container_id, ep.ifname) not in valid:
                 with self.lock(ep.handle):
-                    self._teardown(ep)
+                    self.teardown_or_defer(ep)
                 removed += 1
 
         def keep(handle: str) -> bool:

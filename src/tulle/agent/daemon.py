@@ -1,8 +1,14 @@
 """The node agent: wiring, start-up recovery, the reconcile loop and the local API.
 
 Start-up is built so that a restart changes nothing for running pods: endpoints are read back
-from disk, their host side is checked and only what is missing is repaired; routes, neighbours,
-FDB entries and the nftables table are reconciled (diffed), never flushed.
+from disk, their host side is checked and only what is missing is repaired, their addresses are
+recorded in IPAM again and their WorkloadEndpoints published again before any new ADD is taken;
+routes, neighbours, FDB entries and the nftables table are reconciled (diffed), never flushed.
+
+The node's registration outlives the agent; only its heartbeat expires with it. So an agent that
+is down, restarting or cut off from the datastore costs its node nothing: other nodes keep their
+routes to it, its blocks stay its own, and a datastore that comes back after an outage changes
+nothing in any kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +32,8 @@ from pyroute2 import IPRoute
 
 from tulle.agent.cache import ClusterCache, Snapshot
 from tulle.agent.cni_service import TUNNEL_HANDLE_PREFIX, CniService, is_host_veth, wep_name, wep_object
-from tulle.agent.endpoints import Endpoint, EndpointRegistry
-from tulle.agent.node import node_info, node_object
+from tulle.agent.endpoints import Endpoint, EndpointRegistry, handle_for
+from tulle.agent.node import merge_registration, node_info, node_object
 from tulle.cni.plugin import record_pending_del
 from tulle.dataplane import podnet
 from tulle.dataplane.nft import NftReconciler, NftTable
@@ -40,10 +47,11 @@ from tulle.dataplane.routing import (
 )
 from tulle.datastore.base import DatastoreError
 from tulle.datastore.etcd import EtcdDatastore
+from tulle.datastore.heartbeat import NodeHeartbeat
 from tulle.ipam.allocator import IpamError, NodeAllocator, release_node_blocks
 from tulle.ipam.pools import Pool, PoolError, check_no_overlap, parse_pool
 from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, NODE, POD, WORKLOAD_ENDPOINT
-from tulle.model.store import DEFAULT_PREFIX, ResourceStore
+from tulle.model.store import DEFAULT_PREFIX, Conflict, ResourceStore
 from tulle.routing.compile import (
     MODES,
     BlockInfo,
@@ -69,8 +77,8 @@ class AgentConfig:
     state_dir: str = "/var/lib/tulle"
     socket: str = "/run/tulle/agent.sock"
     interface: str | None = None  # the underlay; default: the interface of the default route
-    lease_ttl: int = 15
-    node_grace: float = 60.0  # how long a gone node's blocks stay reserved
+    lease_ttl: int = 15  # the heartbeat's: how long a silent agent still counts as alive
+    node_grace: float = 60.0  # how long a removed node's endpoints and blocks stay
     resync_interval: float = 30.0
     mtu: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -176,7 +184,7 @@ class Agent:
         self.pod_mtu = 1500
         self.underlay: Underlay | None = None
         self.tunnels: dict[int, str] = {}
-        self.lease = 0
+        self.heartbeat = NodeHeartbeat(self.datastore, config.prefix, config.node, config.lease_ttl)
         self.registered = False
         self._stop = threading.Event()
         self._wake = threading.Condition()
@@ -191,6 +199,8 @@ class Agent:
         self._pending_cut: tuple[Any, list[str]] | None = None
         self._cut_wanted: tuple[Any, list[str]] | None = None
         self._ipam_errors: list[str] = []
+        self._address_conflicts: list[str] = []
+        self._noted_error: tuple[float, str] = (0.0, "")
         self._server: _ApiServer | None = None
         self._nft_lock = threading.Lock()
         self._policy_pass_started = 0.0
@@ -239,7 +249,7 @@ class Agent:
                 ready.append(ep)
             elif startup:
                 log.info("rolling back a half-done ADD", extra={"pod": f"{ep.namespace}/{ep.pod}"})
-                self.cni._teardown(ep)
+                self.cni.teardown_or_defer(ep)
         changed = podnet.repair_host_sides([(self.cni._pod_interface(ep), ep.mac) for ep in ready])
         for ep in ready:
             what = changed.get(ep.host_ifname)
@@ -253,7 +263,7 @@ class Agent:
                             "removing an endpoint whose pod is gone",
                             extra={"pod": f"{ep.namespace}/{ep.pod}"},
                         )
-                        self.cni._teardown(current)
+                        self.cni.teardown_or_defer(current)
                 continue
             log.info("repaired a pod's host side", extra={"pod": f"{ep.namespace}/{ep.pod}", "changed": what})
 
@@ -266,19 +276,19 @@ class Agent:
     def replay_pending_deletes(self) -> int:
         """Carry out DELs that arrived while the agent (or the datastore) was away."""
         folder = self.pending_dir()
-        if not os.path.isdir(folder):
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+        except FileNotFoundError:
             return 0
         done = 0
-        for name in sorted(os.listdir(folder)):
+        for name in names:
             path = os.path.join(folder, name)
-            if not name.endswith(".json"):
-                continue
             try:
                 with open(path) as f:
                     request = json.load(f)
-                self.cni._delete(request)
+                self.cni.delete_now(request)
             except DatastoreError:
-                continue  # try again later
+                break  # still away: the rest would only wait for the same timeout
             except (OSError, ValueError, KeyError) as exc:
                 log.error("dropping an unreadable pending DEL", extra={"file": path, "error": str(exc)})
             os.unlink(path)
@@ -286,6 +296,58 @@ class Agent:
         if done:
             log.info("carried out pending DELs", extra={"count": done})
         return done
+
+    def reclaim_addresses(self) -> None:
+        """Every ready endpoint's addresses recorded as its own in IPAM: a restart (or an
+        outage in which its node was wrongly thought gone) must never let an address be given
+        twice. A conflict is an error in the log and in the status, never taken over."""
+        holdings = [
+            (ep.handle, ep.addresses(), {"pod": f"{ep.namespace}/{ep.pod}", "node": self.config.node})
+            for ep in self.registry.all()
+            if ep.state == "ready"
+        ]
+        recorded, conflicts = self.allocator.reclaim(holdings)
+        if recorded:
+            log.warning("recorded running pods' addresses in IPAM again", extra={"addresses": recorded})
+        for conflict in conflicts:
+            if conflict not in self._address_conflicts:
+                log.error("an address of a running pod is claimed twice", extra={"error": conflict})
+        self._address_conflicts = conflicts
+
+    def sync_endpoints(self, snap: Snapshot) -> None:
+        """Our WorkloadEndpoints in the datastore are exactly our ready endpoints: publish what
+        is missing or differs (after a restart, or deleted behind our back), delete what no
+        endpoint of ours has. The registry is read after the snapshot, and each change is made
+        under the endpoint's lock after looking again, so an ADD or DEL in flight is not undone."""
+        node = self.config.node
+        published = {}
+        for obj in snap.objects(self.config.prefix, WORKLOAD_ENDPOINT):
+            if obj.get("spec", {}).get("node") == node:
+                published[(obj["metadata"].get("namespace"), obj["metadata"]["name"])] = obj
+        endpoints = {}
+        for ep in self.registry.all():
+            if ep.state == "ready":
+                want = wep_object(ep, node)
+                endpoints[(want["metadata"]["namespace"], want["metadata"]["name"])] = (ep, want)
+        for key, (ep, want) in endpoints.items():
+            have = published.get(key)
+            if have is not None and have.get("spec") == want["spec"]:
+                continue
+            with self.cni.lock(ep.handle):
+                current = self.registry.get(ep.network, ep.container_id, ep.ifname)
+                if current is not None and current.state == "ready":
+                    log.info("publishing an endpoint again", extra={"pod": f"{ep.namespace}/{ep.pod}"})
+                    self.cni.publish(current)
+        for key, obj in published.items():
+            if key in endpoints:
+                continue
+            spec = obj.get("spec", {})
+            handle = handle_for(str(spec.get("network")), str(spec.get("containerID")), str(spec.get("ifname")))
+            with self.cni.lock(handle):
+                if any(wep_name(ep.pod, ep.handle) == key[1] for ep in self.registry.all() if ep.state == "ready"):
+                    continue
+                log.info("deleting an endpoint no pod of this node has", extra={"endpoint": f"{key[0]}/{key[1]}"})
+                self.store.delete(WORKLOAD_ENDPOINT, key[1], key[0])
 
     def _collect_leaked_addresses(self) -> None:
         known = {ep.handle for ep in self.registry.all()}
@@ -343,23 +405,59 @@ class Agent:
         ]
 
     def register_node(self) -> None:
+        """Our Node object as routing needs it, written only where it differs (compare-and-swap,
+        keeping what others set on it): a restart that changes nothing writes nothing."""
         assert self.underlay is not None
-        self.lease = self.datastore.grant_lease(self.config.lease_ttl)
         addresses = [str(ipaddress.ip_interface(a).ip) for a in self.underlay.addresses]
-        obj = node_object(self.config.node, self.config.mode, addresses, self.vxlan_endpoints())
-        self.store.put(obj, lease=self.lease)
-        self.registered = True
-        log.info("registered node", extra={"node": self.config.node, "addresses": addresses})
+        wanted = node_object(self.config.node, self.config.mode, addresses, self.vxlan_endpoints())
+        for _attempt in range(10):
+            current = self.store.get(NODE, self.config.node)
+            if current is None:
+                if self.store.create(wanted) is None:
+                    continue
+                log.info("registered node", extra={"node": self.config.node, "addresses": addresses})
+            else:
+                merged = merge_registration(current, wanted)
+                if merged != current:
+                    try:
+                        self.store.update(merged)
+                    except Conflict:
+                        continue
+                    log.info("updated the node's registration", extra={"addresses": addresses})
+            self.registered = True
+            return
+        raise DatastoreError(f"Node {self.config.node} keeps changing; will register on the next pass")
 
-    def _keep_lease(self) -> None:
-        period = max(1.0, self.config.lease_ttl / 3)
-        while not self._stop.wait(period):
+    def _note_error(self, message: str) -> None:
+        self._noted_error = (time.time(), message)
+
+    def _until_done(self, what: str, step: Callable[[], None]) -> bool:
+        """Run a start-up step until the datastore lets it finish (or the agent stops)."""
+        delay = 0.2
+        while not self._stop.is_set():
             try:
-                if self.datastore.keepalive(self.lease) <= 0:
-                    log.warning("the node's lease expired; registering again")
-                    self.register_node()
+                step()
+                return True
             except DatastoreError as exc:
-                log.warning("cannot keep the node's lease alive", extra={"error": str(exc)})
+                self._note_error(f"{what}: {exc}")
+                log.warning("waiting for the datastore", extra={"step": what, "error": str(exc)})
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        return False
+
+    def _recover(self) -> None:
+        """Everything that must hold before the agent takes an ADD: endpoints rolled back or
+        repaired, DELs that waited carried out, running pods' addresses in IPAM, the node's
+        blocks, registration and heartbeat, and every endpoint published."""
+        self._recover_endpoints(startup=True)
+        self.replay_pending_deletes()
+        self.reclaim_addresses()
+        self._collect_leaked_addresses()
+        self.remove_stray_interfaces()
+        self._claim_blocks()
+        self.register_node()
+        self.heartbeat.start()
+        self.sync_endpoints(self.cache.snapshot())
 
     def start(self) -> None:
         cfg = self.config
@@ -375,16 +473,14 @@ class Agent:
             "starting",
             extra={"node": cfg.node, "mode": cfg.mode, "families": self.families, "mtu": self.pod_mtu},
         )
-        self._recover_endpoints(startup=True)
-        self.replay_pending_deletes()
-        self._collect_leaked_addresses()
-        self.remove_stray_interfaces()
-        self._claim_blocks()
-        self.register_node()
-        threading.Thread(target=self._keep_lease, name="lease", daemon=True).start()
         self.cache.start()
         self.cache.wait_synced(30)
-        self.reconcile(full=True)
+        if not self._until_done("recovering endpoints", self._recover):
+            return
+        threading.Thread(
+            target=self.heartbeat.keep_alive, args=(self._stop.wait,), name="heartbeat", daemon=True
+        ).start()
+        self._until_done("first reconcile", lambda: self.reconcile(full=True))
         threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
         threading.Thread(target=self._cut_loop, name="conntrack", daemon=True).start()
         self._serve()
@@ -421,19 +517,30 @@ class Agent:
         return self.cni.handle(request)
 
     def readiness_problems(self) -> list[str]:
+        """Why the agent is not ready, from what it knows already: a status report never waits
+        on the datastore, which may be the thing that is down."""
         problems = []
-        try:
-            self.datastore.revision()
-        except DatastoreError as exc:
-            problems.append(f"datastore unreachable: {exc}")
+        outage = self.datastore.reachability.describe()
+        if outage:
+            problems.append(outage)
         if not self.pools:
             problems.append("no IPPool is configured")
         if not self.registered:
             problems.append("the node is not registered")
         problems.extend(self._ipam_errors)
+        problems.extend(self._address_conflicts)
         if self._last_error:
             problems.append(f"last reconcile failed: {self._last_error}")
         return problems
+
+    def last_error(self) -> str:
+        """The newest error the agent met, with its time ('' if none yet)."""
+        reach = self.datastore.reachability
+        noted = self._noted_error
+        when, message = (reach.since, reach.error) if not reach.reachable and reach.since >= noted[0] else noted
+        if not message:
+            return ""
+        return f"{time.strftime('%H:%M:%S', time.localtime(when))} {message}"
 
     def describe(self) -> dict[str, Any]:
         endpoints = [
@@ -453,6 +560,7 @@ class Agent:
                     drops.append({"pod": pod, "direction": direction, "family": family, "packets": packets})
             except Exception as exc:  # status must answer even if policy is broken
                 drops.append({"error": str(exc)})
+        problems = self.readiness_problems()
         return {
             "node": self.config.node,
             "mode": self.config.mode,
@@ -462,8 +570,9 @@ class Agent:
             "endpoints": endpoints,
             "drops": drops,
             "lastReconcile": self._last_reconcile,
-            "lastError": self._last_error,
-            "ready": not self.readiness_problems(),
+            "lastError": self.last_error(),
+            "problems": problems,
+            "ready": not problems,
         }
 
     # -- reconciling ------------------------------------------------------------------------
@@ -524,6 +633,7 @@ class Agent:
                 self._last_error = ""
             except Exception as exc:
                 self._last_error = str(exc)
+                self._note_error(f"reconcile failed: {exc}")
                 log.exception("reconcile failed")
                 self._stop.wait(0.5)
             if full:
@@ -541,10 +651,12 @@ class Agent:
         assert self.underlay is not None
         snap = self.cache.snapshot()
         started = time.monotonic()
+        self.replay_pending_deletes()  # cheap when there are none; soon after an outage ends
         if full:
             self.pools = self.load_pools() or self.pools
             self._recover_endpoints(startup=False)
-            self.replay_pending_deletes()
+            self.reclaim_addresses()
+            self.sync_endpoints(snap)
             if self._ipam_errors:
                 had_tunnels = dict(self.tunnels)
                 self._claim_blocks()
@@ -705,7 +817,8 @@ class Agent:
                 log.error("cannot cut denied connections", extra={"error": str(exc)})
 
     def _collect_gone_nodes(self, snap: Snapshot, registered: set[str]) -> None:
-        """Free the blocks (and endpoints) of nodes that have been gone for the grace period."""
+        """Forget nodes that were removed (their Node object deleted) a grace period ago. A node
+        whose agent is merely silent keeps its Node object, and so its blocks and endpoints."""
         owners = {b["node"] for b in snap.blocks(self.config.prefix)}
         now = time.monotonic()
         for owner in owners:
@@ -715,14 +828,24 @@ class Agent:
             since = self._gone_since.setdefault(owner, now)
             if now - since < self.config.node_grace:
                 continue
-            freed = release_node_blocks(self.datastore, self.config.prefix, owner)
-            for wep in snap.objects(self.config.prefix, WORKLOAD_ENDPOINT):
-                if wep.get("spec", {}).get("node") == owner:
-                    meta = wep["metadata"]
-                    self.store.delete(WORKLOAD_ENDPOINT, meta["name"], meta.get("namespace"))
-            if freed:
-                log.info("freed the blocks of a gone node", extra={"node": owner, "blocks": freed})
+            self._forget_node(owner)
             self._gone_since.pop(owner, None)
+
+    def _forget_node(self, node: str) -> None:
+        """A removed node's endpoints go (its pods went with it), then its blocks, each only if
+        no endpoint in the datastore holds an address in it; read afresh, not from the cache."""
+        if self.store.get(NODE, node) is not None:
+            return  # it came back
+        endpoints, _ = self.store.list(WORKLOAD_ENDPOINT)
+        for wep in endpoints:
+            if wep.get("spec", {}).get("node") == node:
+                meta = wep["metadata"]
+                self.store.delete(WORKLOAD_ENDPOINT, meta["name"], meta.get("namespace"))
+        endpoints, _ = self.store.list(WORKLOAD_ENDPOINT)
+        held = {ip for wep in endpoints for ip in wep.get("spec", {}).get("ips", [])}
+        freed = release_node_blocks(self.datastore, self.config.prefix, node, held.__contains__)
+        if freed:
+            log.info("freed the blocks of a removed node", extra={"node": node, "blocks": freed})
 
 
 def run_agent(config: AgentConfig) -> None:

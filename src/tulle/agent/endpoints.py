@@ -36,6 +36,10 @@ class Endpoint:
         """The IPAM handle: who holds the addresses."""
         return handle_for(self.network, self.container_id, self.ifname)
 
+    def addresses(self) -> list[str]:
+        """The addresses without their prefix length."""
+        return [a.split("/")[0] for a in self.ips]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -1,13 +1,15 @@
-"""The node's registration in the datastore: a Kubernetes-shaped Node object under a lease.
+"""The node's registration in the datastore: a Kubernetes-shaped Node object.
 
 Flannel-style: what other nodes need to route to us travels in annotations of our Node
 (routing mode, VXLAN MAC and tunnel address per family); our underlay addresses are the
-Node's InternalIP addresses. The object is put with a lease that the agent keeps alive, so
-a node that dies disappears from the datastore when the lease runs out.
+Node's InternalIP addresses. The object belongs to the node, not to its agent's heartbeat:
+it stays while the agent is down or cut off, so every other node keeps routing to the pods
+that still run here, and goes only when the node is removed (docs/design/datastore.md).
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 from typing import Any
@@ -31,6 +33,45 @@ def node_object(name: str, mode: str, addresses: list[str], vxlan: list[VxlanEnd
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}, "annotations": annotations},
         "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]},
     }
+
+
+def merge_registration(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """`current` with what this agent registers (its annotations, the hostname label, addresses)
+    taken from `wanted`, keeping what others set (labels, other annotations, metadata)."""
+    merged = copy.deepcopy(current)
+    meta = merged.setdefault("metadata", {})
+    annotations = meta.setdefault("annotations", {})
+    for family in (4, 6):
+        annotations.pop(ANNOTATION_VXLAN.format(family=family), None)  # a family we lost goes
+    annotations.update(wanted["metadata"]["annotations"])
+    meta.setdefault("labels", {}).update(wanted["metadata"]["labels"])
+    merged.setdefault("status", {})["addresses"] = wanted["status"]["addresses"]
+    return merged
+
+
+def with_ready_condition(obj: dict[str, Any], alive: bool) -> dict[str, Any]:
+    """The Node as a reader should see it: a Ready condition from its agent's heartbeat, as
+    the kubelet's node lease decides Ready in Kubernetes. Liveness is only reported: routing
+    never reads it."""
+    out = copy.deepcopy(obj)
+    condition = (
+        {"type": "Ready", "status": "True", "reason": "AgentAlive", "message": "the tulle agent is running"}
+        if alive
+        else {
+            "type": "Ready",
+            "status": "Unknown",
+            "reason": "AgentNotResponding",
+            "message": "the tulle agent's heartbeat expired; the node keeps its routes and addresses",
+        }
+    )
+    status = out.setdefault("status", {})
+    status["conditions"] = [c for c in status.get("conditions", []) if c.get("type") != "Ready"] + [condition]
+    return out
+
+
+def is_ready(obj: dict[str, Any]) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def node_info(obj: dict[str, Any]) -> NodeInfo | None:

@@ -6,6 +6,7 @@ Each group of subcommands lives in its own module with a `register(subparsers)` 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A command says what went wrong in its own words (`error: ...`); the library's log lines
+    # (a datastore outage, ...) are for the agent, which sets up its own logging.
+    logging.getLogger().addHandler(logging.NullHandler())
     try:
         status = args.func(args)
     except common.UserError as exc:

@@ -24,10 +24,12 @@ from typing import Any
 
 import yaml
 
+from tulle.agent.node import is_ready, with_ready_condition
 from tulle.cli.common import UserError, add_datastore_args, open_store, print_json, print_table
 from tulle.datastore.base import DatastoreError
+from tulle.datastore.heartbeat import live_heartbeats
 from tulle.model import kinds, selectors
-from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, POD, Kind
+from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, NODE, POD, Kind
 from tulle.model.store import Applied, Conflict, Obj, PartlyApplied, ResourceStore, resource
 from tulle.model.validation import (
     ADMITTED,
@@ -404,6 +406,8 @@ def _columns(kind: Kind, wide: bool) -> tuple[list[str], Any]:
         return ["READY", "STATUS", "RESTARTS", "AGE", *(["IP", "NODE"] if wide else [])], pod
     if kind is NAMESPACE:
         return ["STATUS", "AGE"], lambda o: [(o.get("status") or {}).get("phase") or "Active"]
+    if kind is NODE:
+        return ["STATUS", "AGE"], lambda o: ["Ready" if is_ready(o) else "NotReady"]
     if kind is NETWORK_POLICY:
         return ["POD-SELECTOR", "AGE"], lambda o: [selector_text((o.get("spec") or {}).get("podSelector"))]
     if kind is IP_POOL:
@@ -508,6 +512,12 @@ def _parse_requirement(part: str) -> selectors.Requirement:
     return selectors.Requirement(part.strip(), selectors.EXISTS)
 
 
+def _with_liveness(store: ResourceStore, nodes: list[Obj]) -> list[Obj]:
+    """Nodes with their Ready condition, from their agents' heartbeats."""
+    alive = live_heartbeats(store.datastore, store.prefix)
+    return [with_ready_condition(n, n["metadata"]["name"] in alive) for n in nodes]
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     kind, names = _kind_and_names(args.kind, args.names)
     if names and args.all_namespaces:
@@ -527,10 +537,14 @@ def cmd_get(args: argparse.Namespace) -> int:
                     status = 1
                 else:
                     found.append(obj)
+            if kind is NODE:
+                found = _with_liveness(store, found)
             if found:
                 _print_objects(kind, found, args, single=len(names) == 1)
             return status
         objects, _ = store.list(kind, namespace)
+        if kind is NODE:
+            objects = _with_liveness(store, objects)
     objects = [o for o in objects if selectors.matches(wanted, o.get("metadata", {}).get("labels") or {})]
     if not objects and args.output not in ("json", "yaml"):
         where = f" in {namespace} namespace" if namespace else ""

@@ -1,9 +1,14 @@
-"""`tulle status`: what each node's agent reports: readiness, pods, and policy drops per
-isolated endpoint and direction (nftables counters)."""
+"""`tulle status`: what each node's agent reports: readiness and why not, pods, and policy
+drops per isolated endpoint and direction (nftables counters).
+
+Every agent is asked at once, each with a short timeout: a stuck agent or a datastore outage
+must not make the report itself hang. Agents answer from what they know (no datastore call),
+so an outage shows as its cause ("datastore unreachable since ...")."""
 
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tulle.cli.common import UserError, print_json, print_table
@@ -18,14 +23,20 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+# An agent answers from memory in milliseconds; one that takes longer is stuck.
+ASK_TIMEOUT_S = 3.0
+
+
 def _ask(socket_path: str) -> dict[str, Any]:
     from tulle.cni.plugin import AgentUnavailable, call_agent
 
     try:
-        answer = call_agent(socket_path, {"command": "AGENT_STATUS"}, 10.0)
+        answer = call_agent(socket_path, {"command": "AGENT_STATUS"}, ASK_TIMEOUT_S)
     except AgentUnavailable as exc:
-        return {"ready": False, "error": str(exc)}
-    result: dict[str, Any] = answer.get("result", {"ready": False, "error": str(answer.get("error"))})
+        return {"ready": False, "error": f"agent not answering: {exc}"}
+    result = answer.get("result")
+    if not isinstance(result, dict):
+        return {"ready": False, "error": f"agent answered with an error: {answer.get('error')}"}
     return result
 
 
@@ -39,7 +50,9 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
             nodes = sorted(load(args.lab)["nodes"], key=lambda n: n)
         except (LabError, LabNotFound) as exc:
             raise UserError(str(exc))
-        return [dict(_ask(lab.agent_socket(node)), node=node) for node in nodes]
+        with ThreadPoolExecutor(max_workers=min(32, len(nodes) or 1)) as pool:
+            answers = list(pool.map(_ask, [lab.agent_socket(node) for node in nodes]))
+        return [dict(answer, node=node) for node, answer in zip(nodes, answers, strict=True)]
     return [_ask(args.socket)]
 
 
@@ -57,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 "yes" if r.get("ready") else "NO",
                 str(len(r.get("endpoints", []))),
                 str(r.get("mtu", "")),
-                r.get("error") or r.get("lastError") or "",
+                r.get("error") or "; ".join(r.get("problems") or []),
             ]
         )
     print_table(["NODE", "MODE", "READY", "PODS", "MTU", "PROBLEM"], rows)

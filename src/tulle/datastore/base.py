@@ -11,6 +11,8 @@ Invariants (docs/design/datastore.md):
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -75,6 +77,52 @@ class UnchangedOp:
 TxnOp = PutOp | DeleteOp | UnchangedOp
 
 
+@dataclass(frozen=True)
+class Reachability:
+    """Whether the last call reached the datastore, since when (wall-clock time), and why not."""
+
+    reachable: bool
+    since: float
+    error: str = ""
+
+    def describe(self) -> str:
+        """'' when reachable; otherwise the cause as a status line says it."""
+        if self.reachable:
+            return ""
+        when = time.strftime("%H:%M:%S", time.localtime(self.since))
+        return f"datastore unreachable since {when}: {self.error}"
+
+
+class ReachabilityTracker:
+    """The outcome of every call, kept by a backend so that a status report never waits on the
+    datastore: it reads when the datastore last stopped (or started again) answering."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = Reachability(reachable=True, since=time.time())
+
+    def succeeded(self) -> Reachability | None:
+        """Record a call that got an answer; returns the outage it ends, if one did."""
+        with self._lock:
+            if self._state.reachable:
+                return None
+            ended, self._state = self._state, Reachability(reachable=True, since=time.time())
+            return ended
+
+    def failed(self, error: str) -> bool:
+        """Record a call that got no answer; True if this begins an outage."""
+        with self._lock:
+            began = self._state.reachable
+            since = time.time() if began else self._state.since
+            self._state = Reachability(reachable=False, since=since, error=error)
+            return began
+
+    @property
+    def state(self) -> Reachability:
+        with self._lock:
+            return self._state
+
+
 class Watch(Protocol):
     def __iter__(self) -> Iterator[WatchEvent]: ...
 
@@ -127,6 +175,13 @@ class Datastore(Protocol):
         """Refresh the lease; returns the remaining TTL, or -1 if it already expired."""
         ...
 
-    def revoke_lease(self, lease: int) -> None: ...
+    def revoke_lease(self, lease: int) -> None:
+        """End the lease now; keys put with it are deleted. A lease that is gone already is fine."""
+        ...
+
+    @property
+    def reachability(self) -> Reachability:
+        """What the last call found: answered, or unreachable since when and why (no I/O)."""
+        ...
 
     def close(self) -> None: ...

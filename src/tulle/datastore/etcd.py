@@ -16,9 +16,11 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,11 +30,15 @@ from tulle.datastore.base import (
     DeleteOp,
     KeyValue,
     PutOp,
+    Reachability,
+    ReachabilityTracker,
     TxnOp,
     UnchangedOp,
     WatchEvent,
     WatchExpired,
 )
+
+log = logging.getLogger(__name__)
 
 # etcd's --max-txn-ops default: a transaction may hold at most this many compares and this
 # many writes; etcd answers a bigger one with a bare "Bad Request".
@@ -131,7 +137,7 @@ class EtcdWatch:
             self._conn.sock.settimeout(None)  # a quiet stream is not an error
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
-            raise DatastoreError(f"etcd at {store.endpoint} is unreachable: {exc}") from exc
+            raise store.unreachable(exc) from exc
         self._thread = threading.Thread(target=self._read, name=f"etcd-watch {prefix}", daemon=True)
         self._thread.start()
 
@@ -211,12 +217,27 @@ class EtcdDatastore:
             raise DatastoreError(f"datastore URL {endpoint!r} is not an etcd URL such as http://127.0.0.1:2379")
         self.endpoint = endpoint
         self.gateway = _Gateway(parts.hostname, parts.port or 2379, timeout)
+        self._reachability = ReachabilityTracker()
+
+    @property
+    def reachability(self) -> Reachability:
+        return self._reachability.state
+
+    def unreachable(self, exc: BaseException) -> DatastoreError:
+        """Record a call that got no answer; the error to raise for it."""
+        error = DatastoreError(f"etcd at {self.endpoint} is unreachable: {exc or type(exc).__name__}")
+        if self._reachability.failed(str(error)):
+            log.warning("the datastore stopped answering", extra={"error": str(error)})
+        return error
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             status, data = self.gateway.post(path, body)
         except (OSError, http.client.HTTPException) as exc:
-            raise DatastoreError(f"etcd at {self.endpoint} is unreachable: {exc}") from exc
+            raise self.unreachable(exc) from exc
+        ended = self._reachability.succeeded()
+        if ended is not None:
+            log.warning("the datastore answers again", extra={"outage_s": round(time.time() - ended.since, 1)})
         if status != 200:
             raise DatastoreError(
                 f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}"
@@ -292,10 +313,6 @@ class EtcdDatastore:
         compare = [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}]
         return self._txn(compare, [{"request_delete_range": {"key": _b64(key)}}])
 
-    def delete_prefix(self, prefix: str) -> int:
-        resp = self._post("kv/deleterange", {"key": _b64(prefix), "range_end": _range_end(prefix)})
-        return int(resp.get("deleted", 0))
-
     def commit(self, ops: Sequence[TxnOp]) -> int | None:
         compare: _TxnRequests = []
         success: _TxnRequests = []
@@ -357,14 +374,15 @@ class EtcdDatastore:
         return int(self._post("lease/keepalive", {"ID": lease}).get("result", {}).get("TTL", -1))
 
     def revoke_lease(self, lease: int) -> None:
-        self._post("kv/lease/revoke", {"ID": lease})
-
-    def healthy(self) -> bool:
         try:
-            self.revision()
-            return True
-        except DatastoreError:
-            return False
+            self._post("kv/lease/revoke", {"ID": lease})
+        except DatastoreError as exc:
+            if "lease not found" not in str(exc):
+                raise
+
+    def lease_ttl(self, lease: int) -> int:
+        """The lease's remaining TTL in seconds, or -1 if it does not exist (expired or revoked)."""
+        return int(self._post("kv/lease/timetolive", {"ID": lease}).get("TTL", -1))
 
     def close(self) -> None:
         self.gateway.close()

@@ -6,6 +6,11 @@ Invariants (docs/design/ipam.md):
    only by compare-and-swap on its revision.
 3. A dual-stack allocation is all or nothing: if one family fails, the other is given back.
 4. Releasing is idempotent: releasing a handle that holds nothing succeeds.
+7. An address a live endpoint holds is never given to another: a restarted agent records its
+   endpoints' addresses again (`reclaim`), and `allocate` skips any address its caller knows
+   to be held, whatever the blocks say.
+8. A block is freed only when its node is removed, and never while an endpoint holds an
+   address in it (`release_node_blocks`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +31,14 @@ log = logging.getLogger(__name__)
 
 class IpamError(Exception):
     """No address could be given; the message says why and what to do."""
+
+
+class AddressConflict(IpamError):
+    """One address is claimed by two holders (or lies in another node's block)."""
+
+
+# (handle, addresses, attributes such as {"pod": "ns/name"}): what one endpoint holds.
+Holding = tuple[str, Sequence[str], dict[str, Any]]
 
 
 @dataclass
@@ -55,10 +68,11 @@ class Block:
             revision=kv.mod_revision,
         )
 
-    def free_address(self, reserved: Iterable[str] = ()) -> IPAddress | None:
-        taken = set(self.allocations) | set(reserved)
+    def free_address(self, held: Callable[[str], bool] = lambda _a: False) -> IPAddress | None:
+        """The first address neither allocated in this block nor `held` by a live endpoint."""
         for address in self.cidr:
-            if str(address) not in taken:
+            text = str(address)
+            if text not in self.allocations and not held(text):
                 return address
         return None
 
@@ -126,6 +140,19 @@ class NodeAllocator:
     def _pools_for(self, family: int) -> list[Pool]:
         return sorted((p for p in self._pools() if p.family == family), key=lambda p: p.name)
 
+    def _create_block(self, cidr: IPNetwork, pool: str) -> Block | None:
+        """Create the block for this node if nobody holds it (invariant 1); None if somebody does."""
+        key = block_key(self.prefix, cidr)
+        if not self.datastore.create(key, Block(cidr=cidr, pool=pool, node=self.node).to_json()):
+            return None
+        log.info("claimed block", extra={"block": str(cidr), "pool": pool})
+        with self._lock:
+            if self._own_keys is not None:
+                self._own_keys.add(key)
+        stored = self.datastore.get(key)
+        assert stored is not None
+        return Block.from_kv(stored)
+
     def claim_block(self, family: int) -> Block:
         """Claim one more block of this family for this node (invariant 1)."""
         pools = self._pools_for(family)
@@ -137,15 +164,9 @@ class NodeAllocator:
                 candidate = next((c for c in pool.blocks_from(self.node) if str(c) not in taken), None)
                 if candidate is None:
                     break  # this pool is full; try the next one
-                block = Block(cidr=candidate, pool=pool.name, node=self.node)
-                if self.datastore.create(block_key(self.prefix, candidate), block.to_json()):
-                    log.info("claimed block", extra={"block": str(candidate), "pool": pool.name})
-                    with self._lock:
-                        if self._own_keys is not None:
-                            self._own_keys.add(block_key(self.prefix, candidate))
-                    stored = self.datastore.get(block_key(self.prefix, candidate))
-                    assert stored is not None
-                    return Block.from_kv(stored)
+                block = self._create_block(candidate, pool.name)
+                if block is not None:
+                    return block
                 # another node claimed it between our read and our create: read again
         total = sum(p.block_count() for p in pools)
         names = ", ".join(f"{p.name} ({p.cidr}, /{p.block_size} blocks)" for p in pools)
@@ -164,12 +185,14 @@ class NodeAllocator:
 
     # -- addresses ---------------------------------------------------------------------------
 
-    def _allocate_one(self, handle: str, family: int, attrs: dict[str, Any], blocks: list[Block]) -> IPAddress:
+    def _allocate_one(
+        self, handle: str, family: int, attrs: dict[str, Any], blocks: list[Block], held: Callable[[str], bool]
+    ) -> IPAddress:
         """An address of one family from this node's blocks (`blocks` as last read; re-read on conflict)."""
         for _attempt in range(100):
             mine = sorted((b for b in blocks if b.family == family), key=lambda b: int(b.cidr.network_address))
             for block in mine:
-                address = block.free_address()
+                address = block.free_address(held)
                 if address is None:
                     continue
                 block.allocations[str(address)] = dict(attrs, handle=handle)
@@ -184,8 +207,15 @@ class NodeAllocator:
             blocks[:] = self.local_blocks()
         raise IpamError(f"could not allocate an IPv{family} address for {handle}: the datastore kept changing")
 
-    def allocate(self, handle: str, families: list[int], attrs: dict[str, Any] | None = None) -> list[IPAddress]:
-        """One address per family for handle; all or nothing (invariant 3)."""
+    def allocate(
+        self,
+        handle: str,
+        families: list[int],
+        attrs: dict[str, Any] | None = None,
+        held: Callable[[str], bool] = lambda _a: False,
+    ) -> list[IPAddress]:
+        """One address per family for handle; all or nothing (invariant 3). `held(address)` says
+        an endpoint holds the address whatever the blocks say: it is never given (invariant 7)."""
         with self._lock:
             blocks = self.local_blocks()
             existing = [a for b in blocks for a, at in b.allocations.items() if at.get("handle") == handle]
@@ -199,7 +229,7 @@ class NodeAllocator:
             given: list[IPAddress] = []
             try:
                 for family in families:
-                    given.append(self._allocate_one(handle, family, attrs or {}, blocks))
+                    given.append(self._allocate_one(handle, family, attrs or {}, blocks, held))
             except Exception:
                 self.release(handle)
                 raise
@@ -225,6 +255,68 @@ class NodeAllocator:
                     return released
             raise IpamError(f"could not release the addresses of {handle}: the datastore kept changing")
 
+    def reclaim(self, holdings: Sequence[Holding]) -> tuple[list[str], list[str]]:
+        """Record each holding's addresses as its handle's again: an endpoint read back from disk
+        keeps what it has (invariant 7), also when its allocation or its whole block was lost
+        while the agent was away. One read of this node's blocks when nothing is missing.
+        Returns (addresses recorded again, conflicts): an address held by another handle, or
+        lying in another node's block, is reported, never taken over."""
+        with self._lock:
+            for _attempt in range(100):
+                blocks = self.local_blocks()
+                changed: dict[str, Block] = {}
+                recorded: list[str] = []
+                conflicts: list[str] = []
+                for handle, addresses, attrs in holdings:
+                    for address in addresses:
+                        ip = ipaddress.ip_address(address)
+                        block = next((b for b in blocks if ip in b.cidr), None)
+                        if block is None:
+                            try:
+                                block = self._block_for(ip)
+                            except AddressConflict as exc:
+                                conflicts.append(f"{attrs.get('pod', handle)}: {exc}")
+                                continue
+                            blocks.append(block)
+                        holder = block.allocations.get(address)
+                        if holder is not None and holder.get("handle") != handle:
+                            conflicts.append(
+                                f"{attrs.get('pod', handle)}: address {address} is held in IPAM by "
+                                f"{holder.get('pod') or holder.get('handle')}"
+                            )
+                        elif holder is None:
+                            block.allocations[address] = dict(attrs, handle=handle)
+                            changed[str(block.cidr)] = block
+                            recorded.append(address)
+                if all(
+                    self.datastore.update(block_key(self.prefix, b.cidr), b.to_json(), b.revision)
+                    for b in changed.values()
+                ):
+                    return recorded, conflicts
+            raise IpamError("could not record the running endpoints' addresses: the datastore kept changing")
+
+    def _block_for(self, ip: IPAddress) -> Block:
+        """The block that holds `ip`, claimed for this node if it is free (it was freed while this
+        node was thought gone); AddressConflict if another node holds it."""
+        pool = next((p for p in self._pools() if ip in p.cidr), None)
+        if pool is None:
+            raise AddressConflict(f"address {ip} is in no IPPool: its pool was deleted while a pod holds it")
+        cidr = ipaddress.ip_network((ip, pool.block_size), strict=False)
+        for _attempt in range(100):
+            kv = self.datastore.get(block_key(self.prefix, cidr))
+            if kv is not None:
+                block = Block.from_kv(kv)
+                if block.node != self.node:
+                    raise AddressConflict(f"address {ip} lies in block {cidr}, which node {block.node} holds now")
+                with self._lock:
+                    if self._own_keys is not None:
+                        self._own_keys.add(block_key(self.prefix, cidr))
+                return block
+            created = self._create_block(cidr, pool.name)
+            if created is not None:
+                return created
+        raise IpamError(f"could not claim block {cidr}: the datastore kept changing")
+
     def release_unless(self, keep: Callable[[str], bool]) -> dict[str, list[str]]:
         """Release every handle on this node for which keep(handle) is False (garbage collection)."""
         with self._lock:
@@ -235,10 +327,13 @@ class NodeAllocator:
             return out
 
 
-def release_node_blocks(datastore: Datastore, prefix: str, node: str) -> list[str]:
-    """Free every block a node holds (the node is gone); compare-and-swap per block."""
+def release_node_blocks(datastore: Datastore, prefix: str, node: str, held: Callable[[str], bool]) -> list[str]:
+    """Free the blocks of a removed node (invariant 8): each block where no address is `held`
+    by an endpoint, by compare-and-swap on the block as read."""
     freed = []
     for block in list_blocks(datastore, prefix):
-        if block.node == node and datastore.delete(block_key(prefix, block.cidr), expected_revision=block.revision):
+        if block.node != node or any(held(a) for a in block.allocations):
+            continue
+        if datastore.delete(block_key(prefix, block.cidr), expected_revision=block.revision):
             freed.append(str(block.cidr))
     return freed
