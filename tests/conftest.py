@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tulle.datastore.etcd import EtcdDatastore
-from tulle.datastore.etcd_server import EtcdServer, free_port, start_etcd, stop_pid
-from tulle.model.store import ResourceStore
+from tulle.datastore.base import Datastore
+from tulle.datastore.factory import open_datastore
+from tulle.lab.etcd_server import EtcdServer, free_port, start_etcd, stop_pid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNI_BIN_DIR = os.path.join(REPO, "bin", "cni")
@@ -46,18 +46,14 @@ def etcd_server() -> Iterator[EtcdServer]:
 
 
 @pytest.fixture
-def datastore(etcd_server: EtcdServer) -> Iterator[EtcdDatastore]:
-    ds = EtcdDatastore(etcd_server.url)
-    yield ds
-    ds.close()
-
-
-@pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own, so tests sharing one etcd never see each other's keys."""
     return f"/test-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
-def store(datastore: EtcdDatastore, prefix: str) -> ResourceStore:
-    return ResourceStore(datastore, prefix)
+def store(etcd_server: EtcdServer, prefix: str) -> Iterator[Datastore]:
+    """The session's etcd, under this test's own prefix."""
+    ds = open_datastore(etcd_server.url, prefix)
+    yield ds
+    ds.close()

@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 
-from tulle.agent.endpoints import handle_for
-from tulle.datastore.heartbeat import heartbeat_key, live_heartbeats
-from tulle.ipam.allocator import block_key, list_blocks
+from tulle.datastore.base import Datastore
+from tulle.datastore.etcd import EtcdDatastore
+from tulle.ipam.allocator import list_blocks
 from tulle.lab import topology
 from tulle.lab.cluster import CNI_PATH, NETWORK, Lab
 from tulle.lab.runtime import CniFailure, CniRuntime
-from tulle.model.kinds import NODE, WORKLOAD_ENDPOINT
-from tulle.model.store import ResourceStore
+from tulle.model.endpoints import handle_for
+from tulle.model.kinds import IPAM_BLOCK, NODE, WORKLOAD_ENDPOINT
 
 from ..lablib import node_netns, ping, pod_ips, pod_netns, routes, running_lab, state, wait_until
 
@@ -59,7 +59,7 @@ def _endpoints(lab: Lab) -> list[dict[str, Any]]:
 
 
 def _owners(lab: Lab) -> dict[str, str]:
-    return dict(_read(lab, lambda store: {str(b.cidr): b.node for b in list_blocks(store.datastore, store.prefix)}))
+    return dict(_read(lab, lambda store: {str(b.cidr): b.node for b in list_blocks(store)}))
 
 
 def _kill_agent(lab: Lab, node: str) -> None:
@@ -87,7 +87,7 @@ def test_an_agent_dead_past_its_lease_and_the_grace_keeps_its_node_routed_and_it
     _kill_agent(lab, "node1")
     try:
         # the heartbeat expires (liveness is reported) ...
-        assert wait_until(lambda: "node1" not in _read(lab, lambda s: live_heartbeats(s.datastore, s.prefix)), 10)
+        assert wait_until(lambda: "node1" not in _read(lab, lambda s: s.live_nodes()), 10)
         out = subprocess.run([TULLE, "get", "nodes", "--lab", lab.name], capture_output=True, text=True, timeout=20)
         assert out.returncode == 0, out.stderr
         assert [line.split()[1] for line in out.stdout.splitlines()[1:]] == ["NotReady", "Ready"], out.stdout
@@ -115,13 +115,13 @@ def test_a_restarted_agent_records_its_pods_addresses_and_endpoints_again(lab: L
     lab.stop_agent("node1")
     try:
 
-        def lose(store: ResourceStore) -> None:
+        def lose(store: Datastore) -> None:
             for wep in store.list(WORKLOAD_ENDPOINT)[0]:
                 if wep["spec"]["pod"] == "old":
                     store.delete(WORKLOAD_ENDPOINT, wep["metadata"]["name"], "fi")
-            for block in list_blocks(store.datastore, store.prefix):
+            for block in list_blocks(store):
                 if block.node == "node1":
-                    store.datastore.delete(block_key(store.prefix, block.cidr))
+                    store.delete(IPAM_BLOCK, block.name)
 
         _read(lab, lose)
     finally:
@@ -178,9 +178,7 @@ def test_a_paused_datastore_is_reported_and_resuming_it_changes_no_route(lab: La
         for node in ("node1", "node2"):
             lab.wait_agent_ready(state(lab), node, timeout=30)
         # the heartbeats come back; routes never moved
-        assert wait_until(
-            lambda: set(_read(lab, lambda s: live_heartbeats(s.datastore, s.prefix))) == {"node1", "node2"}, 10
-        )
+        assert wait_until(lambda: set(_read(lab, lambda s: s.live_nodes())) == {"node1", "node2"}, 10)
         time.sleep(1)
     finally:
         for node, monitor in monitors.items():
@@ -218,20 +216,22 @@ def test_a_failed_add_during_an_outage_leaves_no_state_and_its_release_is_replay
     pending = os.path.join(node_dir, "state", "pending-del")
     assert wait_until(lambda: not os.path.isdir(pending) or not os.listdir(pending), timeout=40)
     handle = handle_for(NETWORK, container, "eth0")
-    blocks = _read(lab, lambda s: list_blocks(s.datastore, s.prefix))
+    blocks = _read(lab, lambda s: list_blocks(s))
     assert not [a for b in blocks for a, at in b.allocations.items() if at.get("handle") == handle]
     topology.del_netns(netns)
 
 
 def test_a_restart_revokes_the_lease_of_the_agent_before(lab: Lab) -> None:
-    def lease(store: ResourceStore) -> int:
-        kv = store.datastore.get(heartbeat_key(store.prefix, "node1"))
-        assert kv is not None
-        return kv.lease
+    """An etcd detail: the heartbeat's lease (another backend expires heartbeats its own way)."""
 
-    before = _read(lab, lease)
+    def etcd(store: Datastore) -> EtcdDatastore:
+        assert isinstance(store, EtcdDatastore)
+        return store
+
+    before = _read(lab, lambda s: etcd(s).heartbeat_lease("node1"))
+    assert before
     lab.restart_agent("node1")
-    after = _read(lab, lease)
+    after = _read(lab, lambda s: etcd(s).heartbeat_lease("node1"))
     assert after != before
-    assert _read(lab, lambda s: s.datastore.lease_ttl(before)) == -1  # revoked, not left to expire
-    assert _read(lab, lambda s: s.datastore.lease_ttl(after)) > 0
+    assert _read(lab, lambda s: etcd(s).client.lease_ttl(before)) == -1  # revoked, not left to expire
+    assert _read(lab, lambda s: etcd(s).client.lease_ttl(after)) > 0

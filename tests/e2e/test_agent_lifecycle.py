@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tulle.datastore.base import Datastore
 from tulle.ipam.allocator import list_blocks
 from tulle.lab.cluster import Lab
 from tulle.model.kinds import WORKLOAD_ENDPOINT
-from tulle.model.store import ResourceStore
 
 from ..lablib import (
     TcpEcho,
@@ -81,8 +81,8 @@ def test_a_route_deleted_while_the_agent_was_down_comes_back(lab: Lab) -> None:
 
 
 def _blocks_of(lab: Lab, node: str) -> list[str]:
-    def read(store: ResourceStore) -> list[str]:
-        return [str(b.cidr) for b in list_blocks(store.datastore, store.prefix) if b.node == node]
+    def read(store: Datastore) -> list[str]:
+        return [str(b.cidr) for b in list_blocks(store) if b.node == node]
 
     return lab.with_store(state(lab), read)
 

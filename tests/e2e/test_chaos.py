@@ -27,13 +27,12 @@ from typing import Any
 import pytest
 
 from tulle.cni.plugin import AgentUnavailable
-from tulle.datastore.base import DatastoreError
+from tulle.datastore.base import Datastore, DatastoreError
 from tulle.ipam.allocator import list_blocks
 from tulle.lab.cluster import Lab, LabError
 from tulle.lab.runtime import CniFailure
 from tulle.lab.state import LabNotFound
 from tulle.model.kinds import WORKLOAD_ENDPOINT
-from tulle.model.store import ResourceStore
 
 from ..lablib import ping, running_lab, state, wait_until
 
@@ -148,11 +147,11 @@ def _pending_and_stuck(lab: Lab) -> list[str]:
 def _datastore_view(lab: Lab) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """(WorkloadEndpoints, address -> IPAM handle) as the datastore has them."""
 
-    def read(store: ResourceStore) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    def read(store: Datastore) -> tuple[list[dict[str, Any]], dict[str, str]]:
         weps = store.list(WORKLOAD_ENDPOINT)[0]
         allocations = {
             address: str(attrs.get("handle"))
-            for block in list_blocks(store.datastore, store.prefix)
+            for block in list_blocks(store)
             for address, attrs in block.allocations.items()
         }
         return weps, allocations

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from tulle.cni import spec
+from tulle.datastore.base import Datastore
 from tulle.ipam.allocator import NodeAllocator
 from tulle.lab import topology
 from tulle.lab.cluster import CNI_PATH, Lab
 from tulle.lab.runtime import CniRuntime, exec_plugin
 from tulle.model.kinds import WORKLOAD_ENDPOINT
-from tulle.model.store import ResourceStore
 
 from ..lablib import TcpEcho, node_ips, node_netns, run_in, running_lab, state, tcp_reachable
 
@@ -90,8 +90,8 @@ class Cni:
         return cid, netns, result
 
     def allocations(self) -> dict[str, list[str]]:
-        def read(store: ResourceStore) -> dict[str, list[str]]:
-            return NodeAllocator(store.datastore, store.prefix, self.node, lambda: []).allocations()
+        def read(store: Datastore) -> dict[str, list[str]]:
+            return NodeAllocator(store, self.node, lambda: []).allocations()
 
         return self.lab.with_store(state(self.lab), read)
 

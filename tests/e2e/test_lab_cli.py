@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from tulle.datastore.base import Datastore
 from tulle.ipam.allocator import NodeAllocator
-from tulle.ipam.pools import parse_pool, pool_object
-from tulle.model.store import ResourceStore
+from tulle.model.pools import parse_pool, pool_object
 
 from ..lablib import ping, pod_netns, running_lab, state, unique_lab_name, wait_until
 
@@ -61,13 +61,13 @@ def test_leaked_addresses_are_collected_when_the_agent_starts() -> None:
         lab.add_pod("node1", "x", "a", {}, [])
         lab.stop_agent("node1")
 
-        def handles(store: ResourceStore) -> set[str]:
-            return set(NodeAllocator(store.datastore, store.prefix, "node1", lambda: []).allocations())
+        def handles(store: Datastore) -> set[str]:
+            return set(NodeAllocator(store, "node1", lambda: []).allocations())
 
         pools = [parse_pool(pool_object("default-ipv4", "10.244.0.0/16", 26))]
 
-        def leak_with_pools(store: ResourceStore) -> None:
-            NodeAllocator(store.datastore, store.prefix, "node1", lambda: pools).allocate(
+        def leak_with_pools(store: Datastore) -> None:
+            NodeAllocator(store, "node1", lambda: pools).allocate(
                 "tulle/crashed-container/eth0", [4], {"pod": "x/ghost"}
             )
 

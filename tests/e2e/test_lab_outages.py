@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 
-from tulle.datastore.base import DatastoreError
-from tulle.datastore.etcd_server import pid_alive
+from tulle.datastore.base import Datastore, DatastoreError
 from tulle.ipam.allocator import NodeAllocator
 from tulle.lab.cluster import Lab, LabError
+from tulle.lab.etcd_server import pid_alive
 from tulle.model.kinds import NODE, POD, WORKLOAD_ENDPOINT
-from tulle.model.store import ResourceStore
 
 from ..lablib import pod_netns, running_lab, state, wait_until
 
@@ -47,8 +46,8 @@ def tulle(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _allocations(lab: Lab, node: str) -> dict[str, list[str]]:
-    def read(store: ResourceStore) -> dict[str, list[str]]:
-        return NodeAllocator(store.datastore, store.prefix, node, lambda: []).allocations()
+    def read(store: Datastore) -> dict[str, list[str]]:
+        return NodeAllocator(store, node, lambda: []).allocations()
 
     return lab.with_store(state(lab), read)
 

@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from tulle.datastore.etcd_server import pid_alive
+from tulle.datastore.base import Datastore
 from tulle.ipam.allocator import NodeAllocator
 from tulle.lab.cluster import Lab
+from tulle.lab.etcd_server import pid_alive
 from tulle.model.kinds import WORKLOAD_ENDPOINT
-from tulle.model.store import ResourceStore
 
 from ..lablib import lab_leftovers, ping, pod_ips, pod_netns, running_lab, state, unique_lab_name
 
@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def _allocations(lab: Lab, node: str) -> dict[str, list[str]]:
-    def read(store: ResourceStore) -> dict[str, list[str]]:
-        return NodeAllocator(store.datastore, store.prefix, node, lambda: []).allocations()
+    def read(store: Datastore) -> dict[str, list[str]]:
+        return NodeAllocator(store, node, lambda: []).allocations()
 
     return lab.with_store(state(lab), read)
 

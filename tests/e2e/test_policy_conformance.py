@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
+from tulle.datastore.base import Datastore
 from tulle.lab.cluster import Lab
 from tulle.lab.probe import ServerSet, probe_matrix, sctp_init_seen
 from tulle.model.kinds import NAMESPACE, NETWORK_POLICY, POD, WORKLOAD_ENDPOINT, lookup
-from tulle.model.store import ResourceStore
 from tulle.model.validation import admit, admit_all
 from tulle.policy.compiler import compile_policies
 from tulle.policy.inputs import inputs_from_objects
@@ -63,7 +63,7 @@ class LabCluster:
         return self.lab.with_store(state(self.lab), fn)
 
     def reset(self) -> None:
-        def work(store: ResourceStore) -> None:
+        def work(store: Datastore) -> None:
             for policy in store.list(NETWORK_POLICY)[0]:
                 store.delete(NETWORK_POLICY, policy["metadata"]["name"], policy["metadata"]["namespace"])
             for ns in NAMESPACES:
@@ -75,7 +75,7 @@ class LabCluster:
 
     @staticmethod
     def _set_labels(
-        store: ResourceStore,
+        store: Datastore,
         kind: Any,
         name: str,
         namespace: str | None,
@@ -111,7 +111,7 @@ class LabCluster:
     def _traced(self, port: int, protocol: str, family: int) -> dict[tuple[str, str], bool]:
         """What `tulle policy trace` says for every cell, from the objects in the datastore."""
 
-        def read(store: ResourceStore) -> list[list[dict[str, Any]]]:
+        def read(store: Datastore) -> list[list[dict[str, Any]]]:
             return [store.list(k)[0] for k in (NAMESPACE, POD, NETWORK_POLICY, WORKLOAD_ENDPOINT)]
 
         model = compile_policies(inputs_from_objects(*self._store(read)))

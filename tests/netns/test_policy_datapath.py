@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 
 from tulle.dataplane import podnet
-from tulle.dataplane.conntrack import cut_denied_connections, list_connections
+from tulle.dataplane.conntrack import delete_connections, list_connections
+from tulle.dataplane.host import node_addresses
 from tulle.dataplane.netns import run_in_netns
 from tulle.dataplane.nft import NftReconciler
 from tulle.lab.probe import sctp_init_seen
 from tulle.policy.compiler import EGRESS, INGRESS, PolicyModel, compile_policies
+from tulle.policy.cutting import connections_to_cut
 from tulle.policy.datapath import counter_name, policy_table
 from tulle.policy.inputs import inputs_from_objects
 
@@ -138,6 +140,16 @@ def apply(
     table = policy_table(model, node.local_ips())
     commands = run_in_netns(node.netns, lambda: NftReconciler().apply(table))
     return model, commands
+
+
+def cut_denied(node: Node, model: PolicyModel) -> int:
+    """What the agent does after a policy change: list (dataplane), decide (policy), delete (dataplane)."""
+
+    def cut() -> int:
+        doomed = connections_to_cut(model, node.local_ips(), list_connections(), node_addresses())
+        return delete_connections(doomed) if doomed else 0
+
+    return run_in_netns(node.netns, cut)
 
 
 def counters(node: Node) -> dict[str, int]:
@@ -302,12 +314,12 @@ def test_established_connections_survive_allowed_updates_and_are_cut_when_denied
         also = netpol("x", "b-web", podSelector=app("b"), ingress=[{"ports": [{"port": 443}]}])
         model, commands = apply(node, [allow_a, also], model)
         assert not [c for c in commands if "rule" in c.get("add", {}) or "chain" in c.get("add", {})]
-        assert run_in_netns(node.netns, lambda: cut_denied_connections(model, node.local_ips())) == 0
+        assert cut_denied(node, model) == 0
         assert exchange(client, conn)
         # Now deny it: conntrack still carries the established connection until it is cut.
         model, _ = apply(node, [also], model)
         assert exchange(client, conn)
-        cut = run_in_netns(node.netns, lambda: cut_denied_connections(model, node.local_ips()))
+        cut = cut_denied(node, model)
         assert cut >= 1
         assert not exchange(client, conn)
         remaining = run_in_netns(node.netns, list_connections)

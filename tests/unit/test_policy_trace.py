@@ -37,11 +37,12 @@ from tests.unit.test_policy_compiler import (
 from tulle.cli import main as cli_main
 from tulle.cli.common import UserError
 from tulle.cli.policy_cmd import parse_port, resolve_endpoint
-from tulle.dataplane.conntrack import Connection, connections_to_cut
-from tulle.dataplane.nft import NftTable
+from tulle.datastore.base import Datastore
+from tulle.kernelstate.conntrack import Connection
+from tulle.kernelstate.nft import NftTable
 from tulle.model import kinds
-from tulle.model.store import ResourceStore
 from tulle.policy.compiler import EGRESS, INGRESS, PolicyModel, compile_policies
+from tulle.policy.cutting import connections_to_cut
 from tulle.policy.datapath import counter_name, policy_table
 from tulle.policy.inputs import inputs_from_objects
 from tulle.policy.trace import protocol_number, trace
@@ -380,7 +381,7 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 def test_tulle_policy_trace_reads_the_datastore(
-    store: ResourceStore, etcd_server: Any, prefix: str, capsys: pytest.CaptureFixture[str]
+    store: Datastore, etcd_server: Any, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for obj in [
         *NAMESPACES,

@@ -22,11 +22,11 @@ import yaml
 
 from tests.conftest import REPO
 from tulle.cli.main import main
-from tulle.datastore.base import DatastoreError, DeleteOp, PutOp, UnchangedOp
-from tulle.datastore.etcd import MAX_TXN_OPS, EtcdDatastore
-from tulle.datastore.etcd_server import EtcdServer
+from tulle.datastore.base import AtomicWriter, Conflict, Datastore, PartlyApplied, Reader
+from tulle.datastore.etcd import APPLY_BATCH
+from tulle.datastore.etcd_client import EtcdClient
+from tulle.lab.etcd_server import EtcdServer
 from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, POD
-from tulle.model.store import APPLY_BATCH, Conflict, PartlyApplied, Reader, ResourceStore
 from tulle.model.validation import AdmissionErrors, admit_all
 
 Obj = dict[str, Any]
@@ -71,10 +71,24 @@ def write(tmp_path: Any, text: str, name: str = "in.yaml") -> str:
     return path
 
 
-def contents(datastore: EtcdDatastore, prefix: str) -> list[tuple[str, int]]:
+@pytest.fixture
+def datastore(etcd_server: EtcdServer) -> Any:
+    """The session's etcd, key by key: to see that nothing at all was written."""
+    client = EtcdClient(etcd_server.url)
+    yield client
+    client.close()
+
+
+def contents(datastore: EtcdClient, prefix: str) -> list[tuple[str, int]]:
     """Every key under the test's prefix with its revision: equal before and after = nothing written."""
     kvs, _ = datastore.list(prefix + "/")
     return [(kv.key, kv.mod_revision) for kv in kvs]
+
+
+@pytest.fixture
+def atomic(store: Datastore) -> AtomicWriter:
+    assert isinstance(store, AtomicWriter)
+    return store
 
 
 def ns(name: str, **labels: str) -> Obj:
@@ -122,7 +136,7 @@ BAD_PORT = {"podSelector": {}, "ingress": [{"ports": [{"port": 80, "endPort": 79
 # --- apply ------------------------------------------------------------------------------------------
 
 
-def test_apply_creates_every_object_and_says_so_like_kubectl(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_apply_creates_every_object_and_says_so_like_kubectl(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     path = write(
         tmp_path,
         dump(ns("web"), netpol("allow", "web"), pod("p1", "web", app="web"), pool("a", "10.0.0.0/16")),
@@ -141,7 +155,7 @@ def test_apply_creates_every_object_and_says_so_like_kubectl(tulle: Tulle, tmp_p
     assert store.get(IP_POOL, "a")["spec"]["blockSize"] == 26  # type: ignore[index]
 
 
-def test_apply_writes_all_objects_in_one_transaction(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_apply_writes_all_objects_in_one_transaction(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("web"), netpol("a", "web"), netpol("b", "web"))))
     revisions = {
         store.get(NAMESPACE, "web")["metadata"]["resourceVersion"],  # type: ignore[index]
@@ -151,7 +165,7 @@ def test_apply_writes_all_objects_in_one_transaction(tulle: Tulle, tmp_path: Any
     assert len(revisions) == 1
 
 
-def test_apply_again_is_unchanged_and_a_change_is_configured(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_apply_again_is_unchanged_and_a_change_is_configured(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     path = write(tmp_path, dump(netpol("a"), netpol("b")))
     tulle.ok("apply", "-f", path)
     uid = store.get(NETWORK_POLICY, "a", "default")["metadata"]["uid"]  # type: ignore[index]
@@ -171,7 +185,7 @@ def test_apply_again_is_unchanged_and_a_change_is_configured(tulle: Tulle, tmp_p
 
 
 def test_a_refused_last_document_leaves_the_datastore_unchanged(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
+    tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str
 ) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(netpol("existing")), "first.yaml"))
     before = contents(datastore, prefix)
@@ -195,7 +209,7 @@ def test_a_refused_last_document_leaves_the_datastore_unchanged(
 
 
 def test_apply_of_more_objects_than_one_etcd_transaction_holds_writes_them_all(
-    tulle: Tulle, tmp_path: Any, store: ResourceStore
+    tulle: Tulle, tmp_path: Any, store: Datastore
 ) -> None:
     """A real policy set is bigger than etcd's 128 operations a transaction; the Namespace comes
     last in the file, as it may in a directory, and is still written before what is in it."""
@@ -213,7 +227,7 @@ def test_apply_of_more_objects_than_one_etcd_transaction_holds_writes_them_all(
 
 
 def test_a_refused_object_among_many_leaves_the_datastore_unchanged(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
+    tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str
 ) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("bulk")), "ns.yaml"))
     before = contents(datastore, prefix)
@@ -225,7 +239,7 @@ def test_a_refused_object_among_many_leaves_the_datastore_unchanged(
     assert contents(datastore, prefix) == before
 
 
-def test_every_refused_object_is_reported(tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str) -> None:
+def test_every_refused_object_is_reported(tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str) -> None:
     docs = [netpol("bad1", spec={}), netpol("fine"), netpol("bad2", spec={"podSelector": {}, "foo": 1})]
     code, _, err = tulle("apply", "-f", write(tmp_path, dump(*docs)))
     assert code == 1
@@ -236,7 +250,7 @@ def test_every_refused_object_is_reported(tulle: Tulle, tmp_path: Any, datastore
     assert contents(datastore, prefix) == []
 
 
-def test_apply_takes_a_list_json_stdin_and_directories(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_apply_takes_a_list_json_stdin_and_directories(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     listed = {"apiVersion": "v1", "kind": "List", "items": [netpol("l1"), netpol("l2")]}
     assert tulle.ok("apply", "-f", write(tmp_path, dump(listed))).count("created") == 2
     assert (
@@ -262,9 +276,7 @@ def test_apply_reports_the_item_of_a_list(tulle: Tulle, tmp_path: Any) -> None:
     assert "(document 1, item 2)" in err
 
 
-def test_apply_refuses_the_same_object_twice(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
-) -> None:
+def test_apply_refuses_the_same_object_twice(tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str) -> None:
     code, _, err = tulle("apply", "-f", write(tmp_path, dump(netpol("a"), ns("web"), netpol("a", app="x"))))
     assert code == 1
     assert "both define networkpolicy.networking.k8s.io/a in namespace default" in err
@@ -272,7 +284,7 @@ def test_apply_refuses_the_same_object_twice(
 
 
 def test_apply_into_a_missing_namespace_is_not_found(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
+    tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str
 ) -> None:
     code, _, err = tulle("apply", "-f", write(tmp_path, dump(netpol("a"), netpol("b", "nowhere"))))
     assert code == 1
@@ -281,7 +293,7 @@ def test_apply_into_a_missing_namespace_is_not_found(
     assert contents(datastore, prefix) == []
 
 
-def test_apply_namespace_flag_fills_in_and_must_agree(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_apply_namespace_flag_fills_in_and_must_agree(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("web")), "ns.yaml"))
     policy = netpol("a")
     del policy["metadata"]["namespace"]
@@ -292,7 +304,7 @@ def test_apply_namespace_flag_fills_in_and_must_agree(tulle: Tulle, tmp_path: An
     assert 'the namespace from the provided object "default" does not match the namespace "web"' in err
 
 
-def test_apply_dry_run_writes_nothing(tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str) -> None:
+def test_apply_dry_run_writes_nothing(tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str) -> None:
     out = tulle.ok("apply", "--dry-run", "-f", write(tmp_path, dump(ns("web"), netpol("a", "web"))))
     assert out.splitlines() == [
         "namespace/web created (server dry run)",
@@ -302,7 +314,7 @@ def test_apply_dry_run_writes_nothing(tulle: Tulle, tmp_path: Any, datastore: Et
 
 
 def test_overlapping_pools_are_refused_in_one_file_and_against_the_store(
-    tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str
+    tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str
 ) -> None:
     code, _, err = tulle("apply", "-f", write(tmp_path, dump(pool("a", "10.0.0.0/16"), pool("b", "10.0.5.0/24"))))
     assert code == 1
@@ -314,7 +326,7 @@ def test_overlapping_pools_are_refused_in_one_file_and_against_the_store(
     assert 'IPPool.tulle.dev "b" is invalid: spec.cidr: Invalid value: "10.0.0.0/8": overlaps IPPool a' in err
 
 
-def test_a_pool_cidr_cannot_change(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_a_pool_cidr_cannot_change(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(pool("a", "10.0.0.0/16")), "a.yaml"))
     code, _, err = tulle("apply", "-f", write(tmp_path, dump(pool("a", "10.9.0.0/16")), "b.yaml"))
     assert code == 1
@@ -322,7 +334,7 @@ def test_a_pool_cidr_cannot_change(tulle: Tulle, tmp_path: Any, store: ResourceS
     assert store.get(IP_POOL, "a")["spec"]["cidr"] == "10.0.0.0/16"  # type: ignore[index]
 
 
-def test_apply_keeps_the_status_others_wrote(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_apply_keeps_the_status_others_wrote(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     path = write(tmp_path, dump(pod("p1", app="a")))
     tulle.ok("apply", "-f", path)
     current = store.get(POD, "p1", "default")
@@ -346,7 +358,7 @@ def test_get_output_applies_back_unchanged(tulle: Tulle, tmp_path: Any) -> None:
     )
 
 
-def test_apply_with_a_stale_resource_version_is_a_conflict(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_apply_with_a_stale_resource_version_is_a_conflict(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(netpol("a"))))
     exported = yaml.safe_load(tulle.ok("get", "netpol", "a", "-o", "yaml"))
     tulle.ok("label", "netpol", "a", "x=y")
@@ -502,7 +514,7 @@ def test_get_unknown_kind(tulle: Tulle) -> None:
 # --- delete -----------------------------------------------------------------------------------------
 
 
-def test_delete_says_deleted_and_not_found(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_delete_says_deleted_and_not_found(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(netpol("a"))))
     assert tulle.ok("delete", "netpol", "a") == 'networkpolicy.networking.k8s.io "a" deleted\n'
     assert store.get(NETWORK_POLICY, "a", "default") is None
@@ -514,7 +526,7 @@ def test_delete_says_deleted_and_not_found(tulle: Tulle, tmp_path: Any, store: R
     assert tulle.ok("delete", "netpol", "a", "--ignore-not-found") == ""
 
 
-def test_deleting_a_namespace_deletes_what_is_in_it(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_deleting_a_namespace_deletes_what_is_in_it(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     docs = [ns("web"), ns("db"), netpol("a", "web"), pod("p1", "web"), netpol("keep", "db"), pod("web", "db")]
     tulle.ok("apply", "-f", write(tmp_path, dump(*docs)))
     assert tulle.ok("delete", "ns", "web") == 'namespace "web" deleted\n'
@@ -536,7 +548,7 @@ def test_system_namespaces_cannot_be_deleted(tulle: Tulle) -> None:
 # --- label ------------------------------------------------------------------------------------------
 
 
-def test_label_adds_changes_with_overwrite_and_removes(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_label_adds_changes_with_overwrite_and_removes(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(netpol("a"))))
 
     def labels() -> Obj:
@@ -554,7 +566,7 @@ def test_label_adds_changes_with_overwrite_and_removes(tulle: Tulle, tmp_path: A
     assert tulle.ok("label", "netpol", "a", "app=db") == "networkpolicy.networking.k8s.io/a not labeled\n"
 
 
-def test_label_is_validated_like_apply(tulle: Tulle, tmp_path: Any, datastore: EtcdDatastore, prefix: str) -> None:
+def test_label_is_validated_like_apply(tulle: Tulle, tmp_path: Any, datastore: EtcdClient, prefix: str) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("web"), pod("p1", "web"))))
     before = contents(datastore, prefix)
     code, _, err = tulle("label", "pod", "p1", "-n", "web", "bad key=x")
@@ -566,7 +578,7 @@ def test_label_is_validated_like_apply(tulle: Tulle, tmp_path: Any, datastore: E
     assert contents(datastore, prefix) == before
 
 
-def test_namespace_keeps_its_name_label(tulle: Tulle, tmp_path: Any, store: ResourceStore) -> None:
+def test_namespace_keeps_its_name_label(tulle: Tulle, tmp_path: Any, store: Datastore) -> None:
     tulle.ok("apply", "-f", write(tmp_path, dump(ns("web"))))
     assert tulle.ok("label", "ns", "web", "kubernetes.io/metadata.name-") == "namespace/web not labeled\n"
     tulle.ok("label", "ns", "web", "kubernetes.io/metadata.name=other", "team=a", "--overwrite")
@@ -607,7 +619,8 @@ def test_the_installed_command_runs(etcd_server: EtcdServer, prefix: str, tmp_pa
 
 
 def test_apply_many_retries_when_a_pool_appears_meanwhile_and_then_refuses_the_overlap(
-    store: ResourceStore,
+    store: Datastore,
+    atomic: AtomicWriter,
 ) -> None:
     """An address is never given twice: a pool created between admission and commit is seen."""
     calls = []
@@ -620,45 +633,45 @@ def test_apply_many_retries_when_a_pool_appears_meanwhile_and_then_refuses_the_o
         return out
 
     with pytest.raises(AdmissionErrors) as info:
-        store.apply_many([pool("mine", "10.1.0.0/16")], admit=racing_admit)
+        atomic.apply_many([pool("mine", "10.1.0.0/16")], admit=racing_admit)
     assert "overlaps IPPool other" in str(info.value)
     assert len(calls) == 2
     assert store.get(IP_POOL, "mine") is None
 
 
-def test_apply_many_is_guarded_by_the_namespace_it_read(store: ResourceStore) -> None:
-    store.apply_many([ns("web")], admit=admit_all)
+def test_apply_many_is_guarded_by_the_namespace_it_read(store: Datastore, atomic: AtomicWriter) -> None:
+    atomic.apply_many([ns("web")], admit=admit_all)
     calls = []
 
     def racing_admit(objects: Sequence[Obj], reader: Reader) -> list[Obj]:
         calls.append(1)
         out = admit_all(objects, reader)
         if len(calls) == 1:
-            store.delete_namespace("web")  # deleted after admission saw it
+            atomic.delete_namespace("web")  # deleted after admission saw it
         return out
 
     with pytest.raises(AdmissionErrors) as info:
-        store.apply_many([netpol("a", "web")], admit=racing_admit)
+        atomic.apply_many([netpol("a", "web")], admit=racing_admit)
     assert 'namespaces "web" not found' in str(info.value)
     assert len(calls) == 2
     assert store.list(NETWORK_POLICY, "web")[0] == []
 
 
-def test_a_batched_apply_overtaken_by_another_writer_says_what_it_wrote(store: ResourceStore) -> None:
+def test_a_batched_apply_overtaken_by_another_writer_says_what_it_wrote(store: Datastore, atomic: AtomicWriter) -> None:
     """Checked whole, then written in batches: a namespace deleted between two batches stops
     the apply after the first, and the caller learns exactly which objects were written."""
-    store.apply_many([ns("early"), ns("late")], admit=admit_all)
+    atomic.apply_many([ns("early"), ns("late")], admit=admit_all)
     docs = [netpol(f"e{i}", "early") for i in range(APPLY_BATCH)] + [netpol(f"l{i}", "late") for i in range(5)]
     calls = []
 
     def racing_admit(objects: Sequence[Obj], reader: Reader) -> list[Obj]:
         calls.append(len(objects))
         if len(calls) == 3:  # whole check, first batch, then this: the second batch
-            store.delete_namespace("late")
+            atomic.delete_namespace("late")
         return admit_all(objects, reader)
 
     with pytest.raises(PartlyApplied) as info:
-        store.apply_many(docs, admit=racing_admit)
+        atomic.apply_many(docs, admit=racing_admit)
     assert calls[:3] == [APPLY_BATCH + 5, APPLY_BATCH, 5]
     assert [obj["metadata"]["name"] for obj, _ in info.value.applied] == [f"e{i}" for i in range(APPLY_BATCH)]
     assert 'namespaces "late" not found' in str(info.value.cause)
@@ -666,52 +679,10 @@ def test_a_batched_apply_overtaken_by_another_writer_says_what_it_wrote(store: R
     assert store.list(NETWORK_POLICY, "late")[0] == []
 
 
-def test_apply_many_refuses_a_resource_version_for_an_object_that_is_gone(store: ResourceStore) -> None:
+def test_apply_many_refuses_a_resource_version_for_an_object_that_is_gone(
+    store: Datastore, atomic: AtomicWriter
+) -> None:
     obj = netpol("a")
     obj["metadata"]["resourceVersion"] = "5"
     with pytest.raises(Conflict, match="does not exist"):
-        store.apply_many([obj], admit=admit_all)
-
-
-def test_get_many_reads_keys_in_order_absent_ones_as_none(datastore: EtcdDatastore, prefix: str) -> None:
-    keys = [f"{prefix}/many/{i:03}" for i in range(MAX_TXN_OPS + 10)]  # more than one transaction holds
-    for key in keys[::2]:
-        datastore.put(key, key.encode())
-    got = datastore.get_many([*reversed(keys), f"{prefix}/nothing"])
-    assert [kv.value.decode() if kv else None for kv in got] == [
-        *(key if i % 2 == 0 else None for i, key in reversed(list(enumerate(keys)))),
-        None,
-    ]
-    assert datastore.get_many([]) == []
-
-
-def test_commit_writes_all_or_nothing(datastore: EtcdDatastore, prefix: str) -> None:
-    assert datastore.commit([PutOp(f"{prefix}/a", b"1", expected_revision=0), PutOp(f"{prefix}/b", b"2")])
-    a = datastore.get(f"{prefix}/a")
-    assert a is not None
-    # the second op expects "/a" not to exist: nothing is written
-    failed = datastore.commit([PutOp(f"{prefix}/c", b"3"), PutOp(f"{prefix}/a", b"x", expected_revision=0)])
-    assert failed is None
-    assert datastore.get(f"{prefix}/c") is None
-    revision = datastore.commit([PutOp(f"{prefix}/a", b"y", expected_revision=a.mod_revision)])
-    assert revision is not None
-    assert datastore.get(f"{prefix}/a").mod_revision == revision  # type: ignore[union-attr]
-
-
-def test_commit_prefix_guards_and_deletes(datastore: EtcdDatastore, prefix: str) -> None:
-    _, revision = datastore.list(f"{prefix}/pools/")
-    assert datastore.commit([UnchangedOp(f"{prefix}/pools/", revision, prefix=True)]) is not None
-    datastore.put(f"{prefix}/pools/x", b"1")
-    assert datastore.commit([UnchangedOp(f"{prefix}/pools/", revision, prefix=True)]) is None
-    assert datastore.commit([UnchangedOp(f"{prefix}/missing", 0)]) is not None
-    datastore.put(f"{prefix}/pools/y", b"1")
-    assert datastore.commit([DeleteOp(f"{prefix}/pools/", prefix=True)]) is not None
-    assert datastore.list(f"{prefix}/pools/")[0] == []
-
-
-def test_commit_refuses_what_etcd_would_refuse_with_a_bare_bad_request(datastore: EtcdDatastore, prefix: str) -> None:
-    with pytest.raises(ValueError, match="twice"):
-        datastore.commit([PutOp(f"{prefix}/a", b"1"), DeleteOp(f"{prefix}/a")])
-    with pytest.raises(DatastoreError, match="at most 128"):
-        datastore.commit([PutOp(f"{prefix}/k{i}", b"1") for i in range(MAX_TXN_OPS + 1)])
-    assert datastore.list(f"{prefix}/")[0] == []
+        atomic.apply_many([obj], admit=admit_all)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+from tulle.kernelstate.net import FdbEntry, Neighbour, Route
 from tulle.routing.compile import (
     BlockInfo,
-    FdbEntry,
     LocalNode,
-    Neighbour,
     NodeInfo,
-    Route,
     VxlanEndpoint,
     compile_routing,
     pod_mtu,

@@ -5,11 +5,13 @@ is done: addresses from IPAM, the veth into the pod, the endpoint record on disk
 datastore. ADD is all or nothing, and a failed ADD leaves nothing behind (what the datastore
 could not take back is recorded as a pending DEL); DEL is idempotent and never fails for lack
 of state. No address a live endpoint holds is ever given to another pod.
+
+The service is handed what it works with (`CniContext`), so it is tested without root with
+the in-memory datastore and a pod network that records what it is asked to do.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -17,24 +19,39 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from tulle.agent.endpoints import Endpoint, handle_for, host_ifname_for
+from tulle.agent.endpoints import Endpoint, EndpointRegistry, host_ifname_for
+from tulle.agent.pending import PendingDeletes, deferred_del
 from tulle.cni import spec
 from tulle.cni.spec import CniError
 from tulle.dataplane import podnet
 from tulle.dataplane.netns import NetnsGone
-from tulle.datastore.base import DatastoreError
-from tulle.ipam.allocator import IpamError
+from tulle.dataplane.podnet import PodInterface
+from tulle.datastore.base import AlreadyExists, Datastore, DatastoreError
+from tulle.ipam.allocator import IpamError, NodeAllocator
+from tulle.model.endpoints import WorkloadEndpoint, handle_for
 from tulle.model.kinds import WORKLOAD_ENDPOINT
-
-if TYPE_CHECKING:
-    from tulle.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 
 TUNNEL_HANDLE_PREFIX = "tulle-tunnel/"
 _HOST_VETH = re.compile(r"^tl[0-9a-f]{11}$")
+
+
+def is_host_veth(name: str) -> bool:
+    return bool(_HOST_VETH.match(name))
+
+
+class PodNetwork(Protocol):
+    """The kernel side of a pod's interface (`tulle.dataplane.podnet`; a fake in unit tests)."""
+
+    def create(self, pod: PodInterface) -> str: ...
+
+    def delete(self, host_ifname: str) -> bool: ...
+
+    def check(self, pod: PodInterface, expect_routes: list[str]) -> list[str]: ...
 
 
 class Stopwatch:
@@ -50,46 +67,18 @@ class Stopwatch:
         self._last = now
 
 
-def wep_name(pod: str, handle: str) -> str:
-    return f"{pod}.{hashlib.sha256(handle.encode()).hexdigest()[:8]}"
-
-
-def wep_object(ep: Endpoint, node: str) -> dict[str, Any]:
-    return {
-        "apiVersion": WORKLOAD_ENDPOINT.api_version,
-        "kind": WORKLOAD_ENDPOINT.kind,
-        "metadata": {"name": wep_name(ep.pod, ep.handle), "namespace": ep.namespace},
-        "spec": {
-            "node": node,
-            "pod": ep.pod,
-            "containerID": ep.container_id,
-            "ifname": ep.ifname,
-            "network": ep.network,
-            "ips": [a.split("/")[0] for a in ep.ips],
-            "hostInterface": ep.host_ifname,
-            "mac": ep.mac,
-        },
-    }
-
-
-def deferred_del(ep: Endpoint) -> dict[str, Any]:
-    """The DEL request that gives back what `ep` holds in the datastore, to be replayed later."""
-    return {
-        "command": "DEL",
-        "containerID": ep.container_id,
-        "ifname": ep.ifname,
-        "netns": ep.netns,
-        "args": {"K8S_POD_NAMESPACE": ep.namespace, "K8S_POD_NAME": ep.pod},
-        "config": {"name": ep.network},
-    }
-
-
 def pod_identity(request: dict[str, Any]) -> tuple[str, str]:
     """(namespace, pod) from CNI_ARGS; namespace `default` when absent, as podman sends it."""
     args = request.get("args") or {}
     namespace = args.get("K8S_POD_NAMESPACE") or "default"
     pod = args.get("K8S_POD_NAME") or request["containerID"][:63]
     return namespace, pod
+
+
+def pod_interface(ep: Endpoint) -> PodInterface:
+    return PodInterface(
+        netns=ep.netns, ifname=ep.ifname, host_ifname=ep.host_ifname, addresses=tuple(ep.ips), mtu=ep.mtu
+    )
 
 
 def build_result(ep: Endpoint) -> dict[str, Any]:
@@ -114,15 +103,35 @@ def build_result(ep: Endpoint) -> dict[str, Any]:
     }
 
 
+@dataclass
+class CniContext:
+    """What the CNI service works with; each piece owned by the controller named."""
+
+    node: str
+    datastore: Datastore
+    registry: EndpointRegistry
+    allocator: NodeAllocator  # the IPAM controller's
+    pending: PendingDeletes
+    families: Callable[[], list[int]]  # the IPAM controller's, from the pools
+    pod_mtu: Callable[[], int]
+    # Who holds an address, any node's WorkloadEndpoints (the endpoint informer's index).
+    address_holders: Callable[[str], list[WorkloadEndpoint]]
+    sync_policy: Callable[[], None]  # the policy controller's: a new pod isolated before ADD returns
+    endpoints_changed: Callable[[str], None]  # a local endpoint came or went (its handle)
+    readiness_problems: Callable[[], list[str]]
+    remove_stray_interfaces: Callable[[], int]
+    podnet: PodNetwork = podnet
+
+
 class CniService:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, ctx: CniContext) -> None:
+        self.ctx = ctx
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
     def lock(self, handle: str) -> threading.Lock:
         # The runtime never runs two commands for one attachment at once (spec: "must not invoke
-        # parallel operations for the same container"), but GC and pending DELs may.
+        # parallel operations for the same container"), but GC, resyncs and pending DELs may.
         with self._locks_guard:
             return self._locks[handle]
 
@@ -153,7 +162,7 @@ class CniService:
     # -- ADD --------------------------------------------------------------------------------
 
     def add(self, request: dict[str, Any]) -> dict[str, Any]:
-        agent = self.agent
+        ctx = self.ctx
         network = request["config"]["name"]
         container_id, ifname, netns = request["containerID"], request["ifname"], request["netns"]
         handle = handle_for(network, container_id, ifname)
@@ -161,9 +170,9 @@ class CniService:
             raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"CNI_NETNS {netns} does not exist")
         namespace, pod = pod_identity(request)
         with self.lock(handle):
-            existing = agent.registry.get(network, container_id, ifname)
+            existing = ctx.registry.get(network, container_id, ifname)
             intact = existing is not None and existing.state == "ready" and existing.netns == netns
-            if existing is not None and intact and not podnet.check(self._pod_interface(existing), []):
+            if existing is not None and intact and not ctx.podnet.check(pod_interface(existing), []):
                 return build_result(existing)  # a repeated ADD: answer as before
             if existing is not None:
                 self._teardown(existing)
@@ -175,23 +184,23 @@ class CniService:
                 namespace=namespace,
                 pod=pod,
                 host_ifname=host_ifname_for(network, container_id, ifname),
-                mtu=int(request["config"].get("mtu") or agent.pod_mtu),
+                mtu=int(request["config"].get("mtu") or ctx.pod_mtu()),
             )
             steps = Stopwatch()
-            agent.registry.put(ep)  # state "adding": rolled back on start if we die half-way
+            ctx.registry.put(ep)  # state "adding": rolled back on start if we die half-way
             conflicts: list[str] = []
             try:
-                attrs = {"pod": f"{namespace}/{pod}", "node": agent.config.node}
-                ips = agent.allocator.allocate(handle, agent.families, attrs, self._held_by_other(handle, conflicts))
+                attrs = {"pod": f"{namespace}/{pod}", "node": ctx.node}
+                ips = ctx.allocator.allocate(handle, ctx.families(), attrs, self._held_by_other(handle, conflicts))
                 if conflicts:
                     self._refuse_for_conflicts(f"{namespace}/{pod}", conflicts)
                 steps.lap("ipam")
                 ep.ips = [f"{ip}/{ip.max_prefixlen}" for ip in ips]
-                ep.mac = podnet.create(self._pod_interface(ep))
+                ep.mac = ctx.podnet.create(pod_interface(ep))
                 steps.lap("interface")
                 ep.host_mac = podnet.HOST_MAC
                 ep.state = "ready"
-                agent.registry.put(ep)
+                ctx.registry.put(ep)
                 self.publish(ep)
                 steps.lap("publish")
             except BaseException as exc:
@@ -203,8 +212,9 @@ class CniService:
                 if isinstance(exc, podnet.PodNetError):
                     raise CniError(spec.ERR_IO_FAILURE, str(exc))
                 raise
+        ctx.endpoints_changed(handle)
         # Policy for the new pod is in place before the runtime starts its containers.
-        agent.sync_policy()
+        ctx.sync_policy()
         steps.lap("dataplane")
         log.info(
             "pod added",
@@ -212,30 +222,26 @@ class CniService:
         )
         return build_result(ep)
 
-    def _pod_interface(self, ep: Endpoint) -> podnet.PodInterface:
-        return podnet.PodInterface(
-            netns=ep.netns, ifname=ep.ifname, host_ifname=ep.host_ifname, addresses=tuple(ep.ips), mtu=ep.mtu
-        )
-
     def _held_by_other(self, handle: str, conflicts: list[str]) -> Callable[[str], bool]:
         """For IPAM: whether an endpoint other than `handle` holds an address (this node's
-        registry, or any node's WorkloadEndpoint), noting each such address in `conflicts`."""
-        agent = self.agent
+        registry, or another node's WorkloadEndpoint), noting each such address in `conflicts`
+        and recording its holder in IPAM again."""
+        ctx = self.ctx
 
         def held(address: str) -> bool:
-            for ep in agent.registry.all():
+            for ep in ctx.registry.all():
                 if ep.handle != handle and address in ep.addresses():
                     conflicts.append(f"{address} is held by pod {ep.namespace}/{ep.pod} on this node")
-                    agent.allocator.reclaim(
-                        [(ep.handle, ep.addresses(), {"pod": f"{ep.namespace}/{ep.pod}", "node": agent.config.node})]
+                    ctx.allocator.reclaim(
+                        [(ep.handle, ep.addresses(), {"pod": f"{ep.namespace}/{ep.pod}", "node": ctx.node})]
                     )
                     return True
-            for holder in agent.cache.address_holders(address):
-                # This node's endpoints are judged by its registry above: the cache may still
+            for holder in ctx.address_holders(address):
+                # This node's endpoints are judged by its registry above: the informer may still
                 # hold one that a DEL has just deleted, which must not stop the next ADD.
-                if holder.handle != handle and holder.node != agent.config.node:
-                    conflicts.append(f"{address} is held by {holder.description}")
-                    agent.allocator.reclaim([(holder.handle, [address], {"pod": f"{holder.namespace}/{holder.pod}"})])
+                if holder.handle != handle and holder.node != ctx.node:
+                    conflicts.append(f"{address} is held by pod {holder.namespace}/{holder.pod} on node {holder.node}")
+                    ctx.allocator.reclaim([(holder.handle, [address], {"pod": f"{holder.namespace}/{holder.pod}"})])
                     return True
             return False
 
@@ -254,17 +260,22 @@ class CniService:
         )
 
     def publish(self, ep: Endpoint) -> None:
-        """The WorkloadEndpoint: tells every node which pod has which addresses."""
-        self.agent.store.put(wep_object(ep, self.agent.config.node))
+        """The WorkloadEndpoint: tells every node which pod has which addresses. Created, or
+        replaced whatever is stored (this node alone writes its endpoints)."""
+        obj = ep.workload(self.ctx.node).to_object()
+        try:
+            self.ctx.datastore.create(obj)
+        except AlreadyExists:  # a repeated ADD, or a publish again after a restart
+            self.ctx.datastore.update(obj)
 
     def _teardown(self, ep: Endpoint) -> None:
         """Undo everything an endpoint may hold; idempotent. Raises DatastoreError if it cannot release.
         The WorkloadEndpoint goes before the addresses: an address is never free in IPAM while
         an endpoint still says it is held."""
-        podnet.delete(ep.host_ifname)
-        self.agent.store.delete(WORKLOAD_ENDPOINT, wep_name(ep.pod, ep.handle), ep.namespace)
-        self.agent.allocator.release(ep.handle)
-        self.agent.registry.remove(ep)
+        self.ctx.podnet.delete(ep.host_ifname)
+        self.ctx.datastore.delete(WORKLOAD_ENDPOINT, ep.workload(self.ctx.node).name, ep.namespace)
+        self.ctx.allocator.release(ep.handle)
+        self.ctx.registry.remove(ep)
 
     def teardown_or_defer(self, ep: Endpoint) -> None:
         """Undo an endpoint now; what the datastore cannot take now (its addresses, its
@@ -273,12 +284,13 @@ class CniService:
         try:
             self._teardown(ep)
         except DatastoreError:
-            self.agent.defer_delete(deferred_del(ep))
-            self.agent.registry.remove(ep)
+            self.ctx.pending.record(deferred_del(ep))
+            self.ctx.registry.remove(ep)
             log.warning(
                 "the datastore is away: releasing the addresses later",
                 extra={"pod": f"{ep.namespace}/{ep.pod}", "handle": ep.handle},
             )
+        self.ctx.endpoints_changed(ep.handle)
 
     # -- DEL --------------------------------------------------------------------------------
 
@@ -286,7 +298,6 @@ class CniService:
         # With the datastore away the interface is gone at once and the addresses are given back
         # when the agent replays the recorded DEL: the runtime sees success, as the spec wants.
         self._delete(request, defer=True)
-        self.agent.request_reconcile()
 
     def delete_now(self, request: dict[str, Any]) -> None:
         """A DEL that waited (a pending one): raises DatastoreError if the datastore is still away."""
@@ -294,12 +305,12 @@ class CniService:
 
     def _delete(self, request: dict[str, Any], defer: bool) -> None:
         """Tear the attachment down, deferring what the datastore cannot take now if `defer`."""
-        agent = self.agent
+        ctx = self.ctx
         network = request["config"]["name"]
         container_id, ifname = request["containerID"], request["ifname"]
         handle = handle_for(network, container_id, ifname)
         with self.lock(handle):
-            ep = agent.registry.get(network, container_id, ifname)
+            ep = ctx.registry.get(network, container_id, ifname)
             if ep is None:
                 # Spec: a DEL for an unknown container, or one without netns, succeeds; still give
                 # back whatever an interrupted ADD may have left behind.
@@ -317,35 +328,36 @@ class CniService:
                 self.teardown_or_defer(ep)
             else:
                 self._teardown(ep)
+        ctx.endpoints_changed(handle)
         log.info("pod deleted", extra={"pod": f"{ep.namespace}/{ep.pod}", "handle": handle})
 
     # -- CHECK ------------------------------------------------------------------------------
 
     def check(self, request: dict[str, Any]) -> None:
-        agent = self.agent
+        ctx = self.ctx
         config = request["config"]
         network = config["name"]
         container_id, ifname = request["containerID"], request["ifname"]
         prev = config.get("prevResult")
         if not isinstance(prev, dict):
             raise CniError(spec.ERR_INVALID_CONFIG, "CHECK needs prevResult in the configuration", "field: prevResult")
-        ep = agent.registry.get(network, container_id, ifname)
+        ep = ctx.registry.get(network, container_id, ifname)
         if ep is None or ep.state != "ready":
             raise CniError(
                 spec.ERR_UNKNOWN_CONTAINER,
-                f"container {container_id} ({ifname}) is not known to the tulle agent on node {agent.config.node}",
+                f"container {container_id} ({ifname}) is not known to the tulle agent on node {ctx.node}",
             )
         problems = []
         expected = sorted(spec.result_addresses(prev))
-        have = sorted(a.split("/")[0] for a in ep.ips)
+        have = sorted(ep.addresses())
         if expected != have:
             problems.append(f"prevResult lists {expected} but the endpoint has {have}")
-        held = agent.allocator.allocations().get(ep.handle, [])
+        held = ctx.allocator.allocations().get(ep.handle, [])
         for address in have:
             if address not in held:
                 problems.append(f"the address {address} is not reserved for this container in IPAM")
         routes = [r["dst"] for r in prev.get("routes", []) if isinstance(r, dict) and "dst" in r]
-        problems.extend(podnet.check(self._pod_interface(ep), routes))
+        problems.extend(ctx.podnet.check(pod_interface(ep), routes))
         if problems:
             raise CniError(
                 spec.ERR_CHECK_MISMATCH, "the container's network is not as ADD left it", "; ".join(problems)
@@ -354,7 +366,7 @@ class CniService:
     # -- GC ---------------------------------------------------------------------------------
 
     def gc(self, request: dict[str, Any]) -> None:
-        agent = self.agent
+        ctx = self.ctx
         config = request["config"]
         network = config["name"]
         # libcni sends both names: the spec's and the one an earlier spec text used.
@@ -371,10 +383,11 @@ class CniService:
                 )
             valid.add((str(item["containerID"]), str(item["ifname"])))
         removed = 0
-        for ep in agent.registry.all():
+        for ep in ctx.registry.all():
             if ep.network == network and (ep.container_id, ep.ifname) not in valid:
                 with self.lock(ep.handle):
                     self.teardown_or_defer(ep)
+                ctx.endpoints_changed(ep.handle)
                 removed += 1
 
         def keep(handle: str) -> bool:
@@ -385,18 +398,13 @@ class CniService:
                 return True  # another network's: not ours to judge
             return (parts[1], parts[2]) in valid
 
-        released = agent.allocator.release_unless(keep)
-        stray = agent.remove_stray_interfaces()
+        released = ctx.allocator.release_unless(keep)
+        stray = ctx.remove_stray_interfaces()
         log.info("GC done", extra={"endpoints": removed, "handles": len(released), "interfaces": stray})
-        agent.request_reconcile()
 
     # -- STATUS -----------------------------------------------------------------------------
 
     def status(self, request: dict[str, Any]) -> None:
-        problems = self.agent.readiness_problems()
+        problems = self.ctx.readiness_problems()
         if problems:
             raise CniError(spec.ERR_PLUGIN_NOT_AVAILABLE, "the tulle agent is not ready", "; ".join(problems))
-
-
-def is_host_veth(name: str) -> bool:
-    return bool(_HOST_VETH.match(name))

@@ -15,6 +15,9 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tulle.cni.files import write_atomically
+from tulle.model.endpoints import WorkloadEndpoint, handle_for
+
 
 @dataclass
 class Endpoint:
@@ -40,6 +43,20 @@ class Endpoint:
         """The addresses without their prefix length."""
         return [a.split("/")[0] for a in self.ips]
 
+    def workload(self, node: str) -> WorkloadEndpoint:
+        """What the datastore says of this endpoint: its WorkloadEndpoint."""
+        return WorkloadEndpoint(
+            namespace=self.namespace,
+            pod=self.pod,
+            node=node,
+            network=self.network,
+            container_id=self.container_id,
+            ifname=self.ifname,
+            ips=tuple(self.addresses()),
+            host_interface=self.host_ifname,
+            mac=self.mac,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -47,10 +64,6 @@ class Endpoint:
     def from_dict(cls, data: dict[str, Any]) -> Endpoint:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def handle_for(network: str, container_id: str, ifname: str) -> str:
-    return f"{network}/{container_id}/{ifname}"
 
 
 def host_ifname_for(network: str, container_id: str, ifname: str) -> str:
@@ -87,14 +100,8 @@ class EndpointRegistry:
             return Endpoint.from_dict(ep.to_dict()) if ep else None
 
     def put(self, endpoint: Endpoint) -> None:
-        path = self._path(endpoint.handle)
-        tmp = f"{path}.tmp"
         with self._lock:
-            with open(tmp, "w") as f:
-                json.dump(endpoint.to_dict(), f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomically(self._path(endpoint.handle), json.dumps(endpoint.to_dict(), sort_keys=True).encode())
             self._cache[endpoint.handle] = Endpoint.from_dict(endpoint.to_dict())
 
     def remove(self, endpoint: Endpoint) -> None:

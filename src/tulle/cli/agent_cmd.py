@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tulle.agent import logs
-    from tulle.agent.daemon import AgentConfig, run_agent
+    from tulle.agent.main import AgentConfig, run_agent
 
     logs.setup(args.log_level)
     config = AgentConfig(

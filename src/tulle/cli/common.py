@@ -7,9 +7,8 @@ import json
 import sys
 from typing import Any
 
-from tulle.datastore.base import DatastoreError
-from tulle.datastore.etcd import EtcdDatastore
-from tulle.model.store import DEFAULT_PREFIX, ResourceStore
+from tulle.datastore.base import DEFAULT_PREFIX, AtomicWriter, Datastore, DatastoreError
+from tulle.datastore.factory import open_datastore as open_url
 
 
 class UserError(Exception):
@@ -23,9 +22,11 @@ def add_datastore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=argparse.SUPPRESS)
 
 
-def open_datastore(args: argparse.Namespace) -> EtcdDatastore:
-    """The datastore named by --lab or --datastore (or $TULLE_DATASTORE)."""
+def open_datastore(args: argparse.Namespace) -> Datastore:
+    """The datastore named by --lab or --datastore (or $TULLE_DATASTORE), checked to answer."""
     import os
+
+    from tulle.model.kinds import NAMESPACE
 
     url = getattr(args, "datastore", None) or os.environ.get("TULLE_DATASTORE")
     lab = getattr(args, "lab", None)
@@ -36,15 +37,18 @@ def open_datastore(args: argparse.Namespace) -> EtcdDatastore:
     if not url:
         raise UserError("say which datastore to use: --lab NAME or --datastore URL (or set TULLE_DATASTORE)")
     try:
-        store = EtcdDatastore(url)
-        store.revision()
+        store = open_url(url, getattr(args, "prefix", DEFAULT_PREFIX))
+        store.get(NAMESPACE, "default")
     except DatastoreError as exc:
         raise UserError(str(exc))
     return store
 
 
-def open_store(args: argparse.Namespace) -> ResourceStore:
-    return ResourceStore(open_datastore(args), getattr(args, "prefix", DEFAULT_PREFIX))
+def atomic_writer(store: Datastore) -> AtomicWriter:
+    """The datastore's multi-object writes; every backend Tulle has offers them."""
+    if not isinstance(store, AtomicWriter):
+        raise UserError(f"the datastore at {store.url} cannot write several objects at once")
+    return store
 
 
 def print_json(data: Any) -> None:

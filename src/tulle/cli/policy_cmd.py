@@ -14,7 +14,8 @@ import ipaddress
 import sys
 from typing import Any
 
-from tulle.cli.common import UserError, add_datastore_args, open_store, print_json
+from tulle.cli.common import UserError, add_datastore_args, open_datastore, print_json
+from tulle.datastore.base import DatastoreError
 from tulle.model import kinds
 from tulle.policy.compiler import PolicyModel, compile_policies
 from tulle.policy.inputs import inputs_from_objects
@@ -86,10 +87,15 @@ def _literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def load_model(args: argparse.Namespace) -> PolicyModel:
-    store = open_store(args)
-    objects = [
-        store.list(kind)[0] for kind in (kinds.NAMESPACE, kinds.POD, kinds.NETWORK_POLICY, kinds.WORKLOAD_ENDPOINT)
-    ]
+    store = open_datastore(args)
+    try:
+        objects = [
+            store.list(kind)[0] for kind in (kinds.NAMESPACE, kinds.POD, kinds.NETWORK_POLICY, kinds.WORKLOAD_ENDPOINT)
+        ]
+    except DatastoreError as exc:
+        raise UserError(str(exc))
+    finally:
+        store.close()
     return compile_policies(inputs_from_objects(*objects))
 
 

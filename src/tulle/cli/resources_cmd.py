@@ -25,12 +25,10 @@ from typing import Any
 import yaml
 
 from tulle.agent.node import is_ready, with_ready_condition
-from tulle.cli.common import UserError, add_datastore_args, open_store, print_json, print_table
-from tulle.datastore.base import DatastoreError
-from tulle.datastore.heartbeat import live_heartbeats
+from tulle.cli.common import UserError, add_datastore_args, atomic_writer, open_datastore, print_json, print_table
+from tulle.datastore.base import Applied, Conflict, Datastore, DatastoreError, Obj, PartlyApplied
 from tulle.model import kinds, selectors
-from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, NODE, POD, Kind
-from tulle.model.store import Applied, Conflict, Obj, PartlyApplied, ResourceStore, resource
+from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, NODE, POD, Kind, resource
 from tulle.model.validation import (
     ADMITTED,
     AdmissionError,
@@ -169,15 +167,15 @@ class _Session:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.store: ResourceStore | None = None
+        self.store: Datastore | None = None
 
-    def __enter__(self) -> ResourceStore:
-        self.store = open_store(self.args)
+    def __enter__(self) -> Datastore:
+        self.store = open_datastore(self.args)
         return self.store
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self.store is not None:
-            self.store.datastore.close()
+            self.store.close()
         if isinstance(exc, DatastoreError):
             raise UserError(str(exc)) from exc
 
@@ -306,7 +304,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     _prepare(docs, args.namespace)
     with _Session(args) as store:
         try:
-            applied = store.apply_many([d.obj for d in docs], admit=admit_all, dry_run=args.dry_run)
+            applied = atomic_writer(store).apply_many([d.obj for d in docs], admit=admit_all, dry_run=args.dry_run)
         except AdmissionErrors as errs:
             for i, err in errs.errors:
                 _server_error(err.reason, f"error when applying {docs[i].where()}: {err}")
@@ -512,9 +510,9 @@ def _parse_requirement(part: str) -> selectors.Requirement:
     return selectors.Requirement(part.strip(), selectors.EXISTS)
 
 
-def _with_liveness(store: ResourceStore, nodes: list[Obj]) -> list[Obj]:
+def _with_liveness(store: Datastore, nodes: list[Obj]) -> list[Obj]:
     """Nodes with their Ready condition, from their agents' heartbeats."""
-    alive = live_heartbeats(store.datastore, store.prefix)
+    alive = store.live_nodes()
     return [with_ready_condition(n, n["metadata"]["name"] in alive) for n in nodes]
 
 
@@ -571,7 +569,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
                 _server_error(err.reason, str(err))
                 status = 1
                 continue
-            gone = store.delete_namespace(name) if kind is NAMESPACE else store.delete(kind, name, namespace)
+            gone = (
+                atomic_writer(store).delete_namespace(name)
+                if kind is NAMESPACE
+                else store.delete(kind, name, namespace)
+            )
             if gone:
                 print(f'{ref(kind)} "{name}" deleted')
             elif not args.ignore_not_found:
@@ -637,7 +639,7 @@ def cmd_label(args: argparse.Namespace) -> int:
             obj["metadata"]["labels"] = labels
             try:
                 # resourceVersion is the one read: a compare-and-swap on it
-                [(_, verdict)] = store.apply_many([obj], admit=admit_all)
+                [(_, verdict)] = atomic_writer(store).apply_many([obj], admit=admit_all)
             except AdmissionErrors as errs:
                 err = errs.errors[0][1]
                 _server_error(err.reason, str(err))

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from tulle.cni.files import write_atomically
+
 
 def conflist(network: str, socket_path: str, state_dir: str, cni_version: str = "1.0.0") -> dict[str, Any]:
     """The network configuration list: tulle first, portmap after it (chained)."""
@@ -22,9 +24,5 @@ def conflist(network: str, socket_path: str, state_dir: str, cni_version: str = 
 def write_conflist(conf_dir: str, data: dict[str, Any], filename: str = "10-tulle.conflist") -> str:
     os.makedirs(conf_dir, exist_ok=True)
     path = os.path.join(conf_dir, filename)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomically(path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o644)
     return path

@@ -193,25 +193,13 @@ def record_pending_del(state_dir: str, request: dict[str, Any]) -> str:
     import json
     import time
 
+    from tulle.cni.files import write_atomically
+
     folder = os.path.join(state_dir, "pending-del")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     key = f"{request['config'].get('name', '')}/{request['containerID']}/{request['ifname']}"
     path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(dict(request, recorded=time.time()), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A half-written file (e.g. a full disk) would stay behind for good: the agent replays
-        # only *.json files and so never removes a *.tmp.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomically(path, json.dumps(dict(request, recorded=time.time())).encode())
     return path
 
 

@@ -10,6 +10,7 @@ interface on the node, which is where policy is enforced.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def _configure_host_side(ipr: IPRoute, idx: int, pod: PodInterface, pod_mac: str
         try:
             ipr.addr("add", index=idx, address=GATEWAY_V6, prefixlen=64, flags=IFA_F_NODAD)
         except NetlinkError as exc:
-            if exc.code != 17:  # EEXIST
+            if exc.code != errno.EEXIST:
                 raise
     for iface in _addresses(pod):
         family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
@@ -200,7 +201,7 @@ def delete(host_ifname: str) -> bool:
         try:
             ipr.link("del", index=idx)
         except NetlinkError as exc:
-            if exc.code != 19:  # ENODEV: gone already
+            if exc.code != errno.ENODEV:  # gone already
                 raise
         return True
 

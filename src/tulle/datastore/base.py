@@ -1,80 +1,98 @@
-"""The datastore interface: the one contract every backend (etcd, later the Kubernetes API) keeps.
+"""The datastore interface: the one contract every backend keeps (etcd, in memory, and the
+Kubernetes API next).
 
-Invariants (docs/design/datastore.md):
-- every value carries the revision of its last change (`mod_revision`);
-- `update` and `delete` with an expected revision are compare-and-swap: they change nothing
-  and return False when somebody changed the key since;
-- `create` succeeds for exactly one caller when several race on one key;
-- `watch(prefix, revision)` delivers every change after `revision` in order, so that
-  `list` followed by `watch` from the listed revision misses nothing.
+It speaks Kubernetes-shaped objects (apiVersion, kind, metadata, spec, status), addressed by
+(kind, namespace, name), as the API server does. Invariants (docs/design/datastore.md):
+- every object carries `metadata.resourceVersion`, an opaque string that changes with every
+  write; `update` and `delete` given one are compare-and-swap: they change nothing and raise
+  Conflict when somebody wrote the object since;
+- `create` succeeds for exactly one caller when several race on one name (AlreadyExists);
+- `list` returns the resourceVersion it read at, and `watch(kind, that version)` delivers every
+  change after it, in order, so that list-then-watch misses nothing; a version too old to
+  watch from ends the watch with WatchExpired: list again;
+- every failure to reach the datastore is DatastoreError, never a transport's own exception,
+  and is recorded in `reachability` so that a status report never has to ask the datastore;
+- a node's liveness is a heartbeat with an expiry (`heartbeat`, `live_nodes`), apart from its
+  Node object; keys, revisions and leases are the etcd backend's business alone.
+
+Writes the agent and IPAM make use only single-object optimistic concurrency, so that they run
+unchanged on the Kubernetes API. Multi-object atomic writes (`AtomicWriter`) are a convenience
+the CLI uses where a backend offers them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from tulle.model.kinds import Kind
+from tulle.model.kinds import Obj as Obj  # re-exported: backends and callers take them from here
+from tulle.model.kinds import Reader as Reader
+
+DEFAULT_PREFIX = "/tulle"
 
 
 class DatastoreError(Exception):
-    """The datastore could not be reached or refused a request."""
+    """The datastore could not be reached, or failed to answer."""
 
 
 class WatchExpired(DatastoreError):
-    """The requested revision was compacted: list again and watch from the new revision."""
+    """The watch's resourceVersion is too old (compacted, or the watch was cut): list again."""
 
 
-@dataclass(frozen=True)
-class KeyValue:
-    key: str
-    value: bytes
-    mod_revision: int
-    lease: int = 0
+class Conflict(Exception):
+    """The object changed since it was read (its resourceVersion moved on)."""
+
+
+class AlreadyExists(Conflict):
+    """`create` of an object that exists."""
+
+
+class NotFound(Conflict):
+    """`update` of an object that does not exist."""
 
 
 @dataclass(frozen=True)
 class WatchEvent:
-    kind: str  # "put" or "delete"
-    key: str
-    value: bytes  # empty for deletes
-    mod_revision: int
+    type: str  # "ADDED", "MODIFIED" or "DELETED"
+    object: Obj  # for DELETED, the object as it last was
+
+    @property
+    def resource_version(self) -> str:
+        return str(self.object.get("metadata", {}).get("resourceVersion", ""))
+
+
+class Watch(Protocol):
+    def get(self, timeout: float) -> WatchEvent | None:
+        """The next event, or None after `timeout` seconds; raises WatchExpired or DatastoreError
+        when the stream ended (list again, then watch from the listed version)."""
+        ...
+
+    def cancel(self) -> None: ...
 
 
 @dataclass(frozen=True)
-class PutOp:
-    """Put `key` in a transaction; with `expected_revision`, only if its mod_revision is that
-    (0: only if the key does not exist)."""
+class NodeLiveness:
+    """What a live node's heartbeat says about the agent that keeps it."""
 
-    key: str
-    value: bytes
-    expected_revision: int | None = None
-    lease: int = 0
+    node: str
+    started: float  # when that agent started (wall clock)
+    pid: int
 
 
-@dataclass(frozen=True)
-class DeleteOp:
-    """Delete `key` (every key under it when `prefix`); with `expected_revision`, only if the
-    key is still at that mod_revision."""
+class Heartbeat(Protocol):
+    """One node's heartbeat: `start` once (it replaces an earlier agent's), then `renew` often
+    enough for its TTL. Keeping it alive costs no watch event."""
 
-    key: str
-    expected_revision: int | None = None
-    prefix: bool = False
+    def start(self) -> None: ...
 
-
-@dataclass(frozen=True)
-class UnchangedOp:
-    """Write nothing; the transaction goes through only if the key (every key under it when
-    `prefix`) was not created or changed after `revision`. A single key must still be at
-    `revision` exactly (0: must not exist); under a prefix, deletions are not seen."""
-
-    key: str
-    revision: int
-    prefix: bool = False
-
-
-TxnOp = PutOp | DeleteOp | UnchangedOp
+    def renew(self) -> bool:
+        """Keep it alive; True if it had expired (an outage longer than the TTL) and was begun
+        again. Raises DatastoreError when the datastore is away."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -123,60 +141,47 @@ class ReachabilityTracker:
             return self._state
 
 
-class Watch(Protocol):
-    def __iter__(self) -> Iterator[WatchEvent]: ...
-
-    def cancel(self) -> None: ...
-
-
 class Datastore(Protocol):
-    def get(self, key: str) -> KeyValue | None:
-        """The key's value and revision, or None."""
+    @property
+    def url(self) -> str:
+        """Where it is, for messages (no credentials)."""
         ...
 
-    def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
-        """Each key's value and revision (None where absent), read together in one round trip."""
+    def get(self, kind: Kind, name: str, namespace: str | None = None) -> Obj | None:
+        """The object, or None."""
         ...
 
-    def list(self, prefix: str) -> tuple[list[KeyValue], int]:
-        """All keys under prefix and the store revision they were read at."""
+    def list(self, kind: Kind, namespace: str | None = None) -> tuple[list[Obj], str]:
+        """Every object of the kind (in one namespace, if given) and the resourceVersion they
+        were read at, to watch from."""
         ...
 
-    def watch(self, prefix: str, start_revision: int) -> Watch:
-        """Changes under prefix from start_revision on (inclusive)."""
+    def watch(self, kind: Kind, resource_version: str) -> Watch:
+        """Every change to objects of the kind after `resource_version`, in order."""
         ...
 
-    def create(self, key: str, value: bytes, lease: int = 0) -> bool:
-        """Put the key only if it does not exist; True if this call created it."""
+    def create(self, obj: Obj) -> Obj:
+        """Create the object (uid and creationTimestamp filled in); AlreadyExists if it exists.
+        Returns it as stored, with its resourceVersion."""
         ...
 
-    def update(self, key: str, value: bytes, expected_revision: int, lease: int = 0) -> bool:
-        """Compare-and-swap: put only if the key's mod_revision is still expected_revision."""
+    def update(self, obj: Obj) -> Obj:
+        """Replace the object: compare-and-swap on metadata.resourceVersion when it is set
+        (Conflict if it moved on), unconditionally when it is not; NotFound if it does not
+        exist. Keeps uid and creationTimestamp. Returns it as stored."""
         ...
 
-    def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        """Unconditional put; returns the new revision."""
+    def delete(self, kind: Kind, name: str, namespace: str | None = None, resource_version: str | None = None) -> bool:
+        """Delete the object (only at `resource_version` when given: Conflict if it moved on);
+        False if there was none."""
         ...
 
-    def delete(self, key: str, expected_revision: int | None = None) -> bool:
-        """Delete the key (only at expected_revision when given); True if it was deleted."""
+    def heartbeat(self, node: str, ttl: int) -> Heartbeat:
+        """The heartbeat of `node`'s agent, alive for `ttl` seconds after each renewal."""
         ...
 
-    def commit(self, ops: Sequence[TxnOp]) -> int | None:
-        """All the ops in one transaction: every write or none. Returns the store revision after
-        it (all writes carry it), or None if a condition failed and nothing was written."""
-        ...
-
-    def grant_lease(self, ttl_seconds: int) -> int:
-        """A new lease; keys put with it vanish when it is not kept alive."""
-        ...
-
-    def keepalive(self, lease: int) -> int:
-        """Refresh the lease; returns the remaining TTL, or -1 if it already expired."""
-        ...
-
-    def revoke_lease(self, lease: int) -> None:
-        """End the lease now; keys put with it are deleted. A lease that is gone already is fine."""
+    def live_nodes(self) -> dict[str, NodeLiveness]:
+        """The nodes whose heartbeat has not expired."""
         ...
 
     @property
@@ -185,3 +190,31 @@ class Datastore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+Applied = list[tuple[Obj, str]]  # (object as stored, "created" | "configured" | "unchanged")
+Admit = Callable[[Sequence[Obj], Reader], list[Obj]]
+
+
+class PartlyApplied(Exception):
+    """A batched apply stopped after writing some batches: another writer changed what a later
+    batch had read. `applied` holds what was written, `cause` why the rest was not."""
+
+    def __init__(self, applied: Applied, cause: Exception) -> None:
+        self.applied = applied
+        self.cause = cause
+        super().__init__(f"{len(applied)} objects were applied, then: {cause}")
+
+
+@runtime_checkable
+class AtomicWriter(Protocol):
+    """Multi-object writes that happen whole or not at all, for the CLI, where a backend can."""
+
+    def apply_many(self, objects: Sequence[Obj], admit: Admit | None = None, *, dry_run: bool = False) -> Applied:
+        """Create or replace the objects, all or none; `admit` defaults and checks them against
+        what it reads, and each read guards the write."""
+        ...
+
+    def delete_namespace(self, name: str) -> bool:
+        """Delete the Namespace and what lives in it, all at once; False if there was none."""
+        ...

@@ -1,393 +1,358 @@
-"""The etcd v3 backend: etcd's v3 JSON gateway spoken with the standard library.
+"""The etcd backend: resources as JSON values in etcd v3, as the Kubernetes API server keeps them.
 
-Why not a client library: the maintained ones cost the agent more memory than it may use.
-etcd3gw (OpenStack's, the maintained choice for the JSON gateway) imports requests, urllib3,
-charset_normalizer and futurist: +21 MB of RSS at import, measured here, against +7 MB for
-http.client and json; the agent's budget is 60 MB with 100 pods. PyPI's `etcd3` has had no
-release since 2020 and pins old grpcio/protobuf; `aetcd` needs grpcio (~20 MB and a slow
-import) and asyncio everywhere. The gateway protocol we need is small: range, put, delete,
-txn, lease grant/keepalive/revoke and a watch stream, each a POST of a JSON body.
-
-Every call raises DatastoreError (never a transport exception) so callers handle one thing.
+Layout: `<prefix>/resources/<plural>/[<namespace>/]<name>`; `metadata.resourceVersion` is the
+key's mod_revision (a list's version is the store revision it read at), so an update given a
+resourceVersion is a compare-and-swap on it. A node's heartbeat is `<prefix>/heartbeats/<node>`
+under an etcd lease: keepalives change no key (no watch event), and the key vanishes when the
+agent has been silent for the lease's TTL. Multi-object writes are etcd transactions, each
+guarded by what admission read for it.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
+import copy
 import json
 import logging
-import queue
-import socket
-import threading
+import os
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import Sequence
 
 from tulle.datastore.base import (
+    Admit,
+    AlreadyExists,
+    Applied,
+    Conflict,
     DatastoreError,
+    NodeLiveness,
+    NotFound,
+    Obj,
+    PartlyApplied,
+    Reachability,
+    WatchEvent,
+)
+from tulle.datastore.etcd_client import (
+    MAX_TXN_OPS,
     DeleteOp,
+    EtcdClient,
+    EtcdWatch,
     KeyValue,
     PutOp,
-    Reachability,
-    ReachabilityTracker,
     TxnOp,
     UnchangedOp,
-    WatchEvent,
-    WatchExpired,
 )
+from tulle.datastore.objects import NAMESPACE_CASCADE, carry_over, complete, decode, encode, identity, plan_apply
+from tulle.model.kinds import NAMESPACE, Kind
 
 log = logging.getLogger(__name__)
 
-# etcd's --max-txn-ops default: a transaction may hold at most this many compares and this
-# many writes; etcd answers a bigger one with a bare "Bad Request".
-MAX_TXN_OPS = 128
-
-_TxnRequests = list[dict[str, Any]]  # the class's `list` method hides the builtin from mypy there
-
-
-def _b64(data: str | bytes) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.b64encode(raw).decode()
+_RETRIES = 10
+# Objects written per transaction when one apply holds more: etcd takes at most 128 writes and
+# 128 conditions a transaction (--max-txn-ops), and each object costs a write with its own
+# compare plus guards on what admission read for it (its namespace, a list of pools).
+APPLY_BATCH = 40
+assert 3 * APPLY_BATCH <= MAX_TXN_OPS
 
 
-def _unb64(data: str | None) -> bytes:
-    return base64.b64decode(data) if data else b""
+class EtcdResourceWatch:
+    """A kind's changes as WatchEvents, from the key watch under the kind's prefix."""
 
-
-def _range_end(prefix: str) -> str:
-    """The smallest key greater than every key that starts with prefix."""
-    raw = bytearray(prefix.encode())
-    for i in range(len(raw) - 1, -1, -1):
-        if raw[i] < 0xFF:
-            raw[i] += 1
-            return _b64(bytes(raw[: i + 1]))
-    return _b64(b"\0")
-
-
-class _Gateway:
-    """Keep-alive HTTP connections to one etcd, shared by the agent's threads (a small pool)."""
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-
-    def connect(self, timeout: float | None) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-        payload = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        for attempt in (0, 1):
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            reused = conn is not None
-            if conn is None:
-                conn = self.connect(self.timeout)
-            try:
-                conn.request("POST", f"/v3/{path}", body=payload, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
-                conn.close()
-                if reused and attempt == 0:
-                    continue  # the server closed an idle connection: once more on a new one
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            with self._lock:
-                if len(self._idle) < 8:
-                    self._idle.append(conn)
-                else:
-                    conn.close()
-            return resp.status, data
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._idle:
-                conn.close()
-            self._idle.clear()
-
-
-class EtcdWatch:
-    """A watch stream on a prefix, read by a thread and handed over through a queue."""
-
-    def __init__(self, store: EtcdDatastore, prefix: str, start_revision: int) -> None:
-        self._queue: queue.Queue[WatchEvent | BaseException | None] = queue.Queue()
-        self._cancelled = threading.Event()
-        body = {
-            "create_request": {
-                "key": _b64(prefix),
-                "range_end": _range_end(prefix),
-                "start_revision": start_revision,
-            }
-        }
-        self._conn = store.gateway.connect(timeout=5)
-        try:
-            self._conn.request("POST", "/v3/watch", body=json.dumps(body).encode())
-            self._response = self._conn.getresponse()
-            if self._response.status != 200:
-                raise DatastoreError(f"etcd refused the watch: HTTP {self._response.status}")
-            self._conn.sock.settimeout(None)  # a quiet stream is not an error
-        except (OSError, http.client.HTTPException) as exc:
-            self._conn.close()
-            raise store.unreachable(exc) from exc
-        self._thread = threading.Thread(target=self._read, name=f"etcd-watch {prefix}", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            while not self._cancelled.is_set():
-                line = self._response.readline()
-                if not line:
-                    break
-                if not line.strip():
-                    continue
-                chunk = json.loads(line)
-                if "error" in chunk:
-                    raise DatastoreError(f"etcd watch failed: {chunk['error']}")
-                result = chunk.get("result", {})
-                if result.get("compact_revision") and int(result["compact_revision"]) > 0:
-                    raise WatchExpired(f"revision compacted at {result['compact_revision']}")
-                if result.get("canceled"):
-                    raise WatchExpired(result.get("cancel_reason", "watch cancelled by etcd"))
-                for event in result.get("events", []):
-                    kv = event["kv"]
-                    self._queue.put(
-                        WatchEvent(
-                            kind="delete" if event.get("type") == "DELETE" else "put",
-                            key=_unb64(kv["key"]).decode(),
-                            value=_unb64(kv.get("value")),
-                            mod_revision=int(kv.get("mod_revision", 0)),
-                        )
-                    )
-            if not self._cancelled.is_set():
-                raise DatastoreError("etcd closed the watch stream")
-        except BaseException as exc:
-            if not self._cancelled.is_set():
-                self._queue.put(exc if isinstance(exc, DatastoreError) else DatastoreError(f"etcd watch: {exc}"))
-        finally:
-            self._queue.put(None)
-
-    def __iter__(self) -> Iterator[WatchEvent]:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def __init__(self, keys: EtcdWatch, store: EtcdDatastore, kind: Kind) -> None:
+        self._keys = keys
+        self._store = store
+        self._kind = kind
 
     def get(self, timeout: float) -> WatchEvent | None:
-        """The next event, or None after timeout; raises when the stream broke."""
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
+        event = self._keys.get(timeout)
+        if event is None:
             return None
-        if item is None:
-            raise DatastoreError("watch ended")
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        version = str(event.mod_revision)
+        if event.kind == "delete":
+            obj = decode(event.value, version) if event.value else self._store.stub(self._kind, event.key, version)
+            return WatchEvent("DELETED", obj)
+        kind = "ADDED" if event.create_revision == event.mod_revision else "MODIFIED"
+        return WatchEvent(kind, decode(event.value, version))
 
     def cancel(self) -> None:
-        """Stop the stream: shut the socket down so the reader sees the end and exits."""
-        self._cancelled.set()
-        try:
-            if self._conn.sock is not None:
-                self._conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._thread.join(timeout=5)
-        self._conn.close()
+        self._keys.cancel()
+
+
+class EtcdHeartbeat:
+    """A heartbeat key under a lease of `ttl` seconds."""
+
+    def __init__(self, client: EtcdClient, key: str, node: str, ttl: int) -> None:
+        self.client = client
+        self.key = key
+        self.node = node
+        self.ttl = ttl
+        self.lease = 0
+        self._started = time.time()
+
+    def _beat(self) -> None:
+        self.lease = self.client.grant_lease(self.ttl)
+        body = {"node": self.node, "started": self._started, "pid": os.getpid()}
+        self.client.put(self.key, json.dumps(body, sort_keys=True).encode(), lease=self.lease)
+
+    def start(self) -> None:
+        """Beat under a new lease and end the lease an earlier agent of this node left behind:
+        put first, then revoke, so the key never disappears in between."""
+        before = self.client.get(self.key)
+        self._beat()
+        if before is not None and before.lease and before.lease != self.lease:
+            self.client.revoke_lease(before.lease)
+            log.info("revoked the heartbeat lease of an earlier agent", extra={"lease": before.lease})
+
+    def renew(self) -> bool:
+        if self.client.keepalive(self.lease) > 0:
+            return False
+        self._beat()
+        log.info("the heartbeat's lease had expired; beating under a new one", extra={"lease": self.lease})
+        return True
+
+
+_Ops = list[TxnOp]  # GuardedReader's `list` method hides the builtin from mypy inside the class
+
+
+class GuardedReader:
+    """Reads made for one transaction; `conditions()` turns each into a guard of its commit.
+
+    A key read is guarded on the revision it was read at (0: it did not exist); a list on "no
+    key under the prefix created or changed since", which catches every addition (what an
+    overlap check must not miss) though not deletions.
+    """
+
+    def __init__(self, store: EtcdDatastore) -> None:
+        self.store = store
+        self._keys: dict[str, int] = {}
+        self._prefixes: dict[str, int] = {}
+
+    def get(self, kind: Kind, name: str, namespace: str | None = None) -> Obj | None:
+        key = self.store.key(kind, name, namespace)
+        kv = self.store.client.get(key)
+        self._keys.setdefault(key, kv.mod_revision if kv else 0)
+        return decode(kv.value, str(kv.mod_revision)) if kv else None
+
+    def list(self, kind: Kind, namespace: str | None = None) -> tuple[list[Obj], str]:
+        objects, version = self.store.list(kind, namespace)
+        self._prefixes.setdefault(self.store.list_prefix(kind, namespace), int(version))
+        return objects, version
+
+    def conditions(self, skip: set[str]) -> _Ops:
+        """The guards, leaving out keys in `skip` (the writes compare those themselves)."""
+        ops: _Ops = [UnchangedOp(key, rev) for key, rev in self._keys.items() if key not in skip]
+        ops += [UnchangedOp(prefix, rev, prefix=True) for prefix, rev in self._prefixes.items()]
+        return ops
 
 
 class EtcdDatastore:
-    """etcd v3 through its JSON gateway. `endpoint` is a URL such as http://127.0.0.1:2379."""
+    """The Datastore interface on etcd. `client` speaks to one etcd; `prefix` keeps clusters
+    (or tests) that share it apart."""
 
-    def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
-        parts = urlsplit(endpoint)
-        if parts.scheme != "http" or not parts.hostname:
-            raise DatastoreError(f"datastore URL {endpoint!r} is not an etcd URL such as http://127.0.0.1:2379")
-        self.endpoint = endpoint
-        self.gateway = _Gateway(parts.hostname, parts.port or 2379, timeout)
-        self._reachability = ReachabilityTracker()
+    def __init__(self, client: EtcdClient, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self.client.endpoint
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def _kind_prefix(self, kind: Kind) -> str:
+        return f"{self.prefix}/resources/{kind.plural}/"
+
+    def key(self, kind: Kind, name: str, namespace: str | None = None) -> str:
+        if kind.namespaced:
+            return f"{self._kind_prefix(kind)}{namespace or 'default'}/{name}"
+        return f"{self._kind_prefix(kind)}{name}"
+
+    def list_prefix(self, kind: Kind, namespace: str | None = None) -> str:
+        prefix = self._kind_prefix(kind)
+        return f"{prefix}{namespace}/" if kind.namespaced and namespace else prefix
+
+    def _is_object_key(self, kind: Kind, key: str) -> bool:
+        parts = key[len(self._kind_prefix(kind)) :].split("/")
+        return len(parts) == (2 if kind.namespaced else 1) and all(parts)
+
+    def stub(self, kind: Kind, key: str, version: str) -> Obj:
+        """The identity of a deleted object whose last value etcd no longer has."""
+        parts = key[len(self._kind_prefix(kind)) :].split("/")
+        meta: Obj = {"name": parts[-1], "resourceVersion": version}
+        if kind.namespaced:
+            meta["namespace"] = parts[0]
+        return {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": meta}
+
+    def _heartbeat_key(self, node: str) -> str:
+        return f"{self.prefix}/heartbeats/{node}"
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def get(self, kind: Kind, name: str, namespace: str | None = None) -> Obj | None:
+        kv = self.client.get(self.key(kind, name, namespace))
+        return decode(kv.value, str(kv.mod_revision)) if kv else None
+
+    def list(self, kind: Kind, namespace: str | None = None) -> tuple[list[Obj], str]:
+        kvs, revision = self.client.list(self.list_prefix(kind, namespace))
+        objects = [decode(kv.value, str(kv.mod_revision)) for kv in kvs if self._is_object_key(kind, kv.key)]
+        return objects, str(revision)
+
+    def watch(self, kind: Kind, resource_version: str) -> EtcdResourceWatch:
+        keys = self.client.watch(self._kind_prefix(kind), int(resource_version or 0) + 1)
+        return EtcdResourceWatch(keys, self, kind)
+
+    def create(self, obj: Obj) -> Obj:
+        stored = complete(obj)
+        stored["metadata"].pop("resourceVersion", None)
+        kind, namespace, name = identity(stored)
+        revision = self.client.create(self.key(kind, name, namespace), encode(stored))
+        if revision is None:
+            raise AlreadyExists(f'{kind.kind} "{name}" already exists')
+        stored["metadata"]["resourceVersion"] = str(revision)
+        return stored
+
+    def update(self, obj: Obj) -> Obj:
+        kind, namespace, name = identity(obj)
+        key = self.key(kind, name, namespace)
+        meta = obj["metadata"]
+        wanted = meta.get("resourceVersion")
+        if wanted and "uid" in meta and "creationTimestamp" in meta:
+            # An object as read, changed: one compare-and-swap (the hot path of IPAM).
+            stored = copy.deepcopy(obj)
+            if kind.namespaced:
+                stored["metadata"]["namespace"] = namespace
+            revision = self.client.update(key, encode(stored), int(wanted))
+            if revision is not None:
+                stored["metadata"]["resourceVersion"] = str(revision)
+                return stored
+            if self.client.get(key) is None:
+                raise NotFound(f'{kind.kind} "{name}" does not exist')
+            raise Conflict(f'{kind.kind} "{name}" changed since it was read')
+        for _attempt in range(_RETRIES):
+            current = self.client.get(key)
+            if current is None:
+                raise NotFound(f'{kind.kind} "{name}" does not exist')
+            if wanted and str(current.mod_revision) != str(wanted):
+                raise Conflict(f'{kind.kind} "{name}" changed since it was read')
+            stored = carry_over(obj, decode(current.value, str(current.mod_revision)))
+            if kind.namespaced:
+                stored["metadata"]["namespace"] = namespace
+            revision = self.client.update(key, encode(stored), current.mod_revision)
+            if revision is not None:
+                stored["metadata"]["resourceVersion"] = str(revision)
+                return stored
+            if wanted:
+                raise Conflict(f'{kind.kind} "{name}" changed since it was read')
+        raise Conflict(f'{kind.kind} "{name}" keeps changing')
+
+    def delete(self, kind: Kind, name: str, namespace: str | None = None, resource_version: str | None = None) -> bool:
+        key = self.key(kind, name, namespace)
+        if not resource_version:
+            return self.client.delete(key)
+        if self.client.delete(key, expected_revision=int(resource_version)):
+            return True
+        if self.client.get(key) is None:
+            return False
+        raise Conflict(f'{kind.kind} "{name}" changed since it was read')
+
+    def heartbeat(self, node: str, ttl: int) -> EtcdHeartbeat:
+        return EtcdHeartbeat(self.client, self._heartbeat_key(node), node, ttl)
+
+    def live_nodes(self) -> dict[str, NodeLiveness]:
+        kvs, _ = self.client.list(self._heartbeat_key(""))
+        out = {}
+        for kv in kvs:
+            try:
+                body = json.loads(kv.value)
+                beat = NodeLiveness(node=str(body["node"]), started=float(body["started"]), pid=int(body["pid"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+            out[beat.node] = beat
+        return out
+
+    def heartbeat_lease(self, node: str) -> int:
+        """The etcd lease of a node's heartbeat (0 if it has none): for tests of the lease."""
+        kv: KeyValue | None = self.client.get(self._heartbeat_key(node))
+        return kv.lease if kv else 0
 
     @property
     def reachability(self) -> Reachability:
-        return self._reachability.state
-
-    def unreachable(self, exc: BaseException) -> DatastoreError:
-        """Record a call that got no answer; the error to raise for it."""
-        error = DatastoreError(f"etcd at {self.endpoint} is unreachable: {exc or type(exc).__name__}")
-        if self._reachability.failed(str(error)):
-            log.warning("the datastore stopped answering", extra={"error": str(error)})
-        return error
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            status, data = self.gateway.post(path, body)
-        except (OSError, http.client.HTTPException) as exc:
-            raise self.unreachable(exc) from exc
-        ended = self._reachability.succeeded()
-        if ended is not None:
-            log.warning("the datastore answers again", extra={"outage_s": round(time.time() - ended.since, 1)})
-        if status != 200:
-            raise DatastoreError(
-                f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}"
-            )
-        out: dict[str, Any] = json.loads(data)
-        return out
-
-    @staticmethod
-    def _kv(raw: dict[str, Any]) -> KeyValue:
-        return KeyValue(
-            key=_unb64(raw["key"]).decode(),
-            value=_unb64(raw.get("value")),
-            mod_revision=int(raw.get("mod_revision", 0)),
-            lease=int(raw.get("lease", 0)),
-        )
-
-    def get(self, key: str) -> KeyValue | None:
-        resp = self._post("kv/range", {"key": _b64(key)})
-        kvs = resp.get("kvs", [])
-        return self._kv(kvs[0]) if kvs else None
-
-    def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
-        if not keys:
-            return []
-        out: list[KeyValue | None] = []
-        for start in range(0, len(keys), MAX_TXN_OPS):
-            reads = [{"request_range": {"key": _b64(key)}} for key in keys[start : start + MAX_TXN_OPS]]
-            resp = self._post("kv/txn", {"compare": [], "success": reads, "failure": []})
-            for answer in resp.get("responses", []):
-                kvs = answer.get("response_range", {}).get("kvs", [])
-                out.append(self._kv(kvs[0]) if kvs else None)
-        return out
-
-    def list(self, prefix: str) -> tuple[list[KeyValue], int]:
-        resp = self._post("kv/range", {"key": _b64(prefix), "range_end": _range_end(prefix)})
-        return [self._kv(kv) for kv in resp.get("kvs", [])], int(resp["header"]["revision"])
-
-    def revision(self) -> int:
-        resp = self._post("kv/range", {"key": _b64("\0"), "limit": 1})
-        return int(resp["header"]["revision"])
-
-    def watch(self, prefix: str, start_revision: int) -> EtcdWatch:
-        return EtcdWatch(self, prefix, start_revision)
-
-    def _txn(self, compare: _TxnRequests, success: _TxnRequests) -> bool:
-        txn = {"compare": compare, "success": success, "failure": []}
-        return bool(self._post("kv/txn", txn).get("succeeded", False))
-
-    @staticmethod
-    def _put_op(key: str, value: bytes, lease: int) -> dict[str, Any]:
-        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-        if lease:
-            put["lease"] = lease
-        return {"request_put": put}
-
-    def create(self, key: str, value: bytes, lease: int = 0) -> bool:
-        compare = [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}]
-        return self._txn(compare, [self._put_op(key, value, lease)])
-
-    def update(self, key: str, value: bytes, expected_revision: int, lease: int = 0) -> bool:
-        compare = [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}]
-        return self._txn(compare, [self._put_op(key, value, lease)])
-
-    def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-        if lease:
-            body["lease"] = lease
-        return int(self._post("kv/put", body)["header"]["revision"])
-
-    def delete(self, key: str, expected_revision: int | None = None) -> bool:
-        if expected_revision is None:
-            return int(self._post("kv/deleterange", {"key": _b64(key)}).get("deleted", 0)) > 0
-        compare = [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}]
-        return self._txn(compare, [{"request_delete_range": {"key": _b64(key)}}])
-
-    def commit(self, ops: Sequence[TxnOp]) -> int | None:
-        compare: _TxnRequests = []
-        success: _TxnRequests = []
-        written: set[str] = set()
-        for op in ops:
-            if isinstance(op, UnchangedOp):
-                if op.prefix:
-                    compare.append(
-                        {
-                            "key": _b64(op.key),
-                            "range_end": _range_end(op.key),
-                            "result": "LESS",
-                            "target": "MOD",
-                            "mod_revision": op.revision + 1,
-                        }
-                    )
-                else:
-                    compare.append(
-                        {"key": _b64(op.key), "result": "EQUAL", "target": "MOD", "mod_revision": op.revision}
-                    )
-                continue
-            # etcd refuses a transaction that writes one key twice, with the same bare "Bad Request"
-            if op.key in written:
-                raise ValueError(f"one transaction writes {op.key} twice")
-            written.add(op.key)
-            if op.expected_revision is not None:
-                if isinstance(op, DeleteOp) and op.prefix:
-                    raise ValueError("a prefix delete cannot expect a revision")
-                compare.append(
-                    {
-                        "key": _b64(op.key),
-                        "result": "EQUAL",
-                        "target": "MOD",
-                        "mod_revision": op.expected_revision,
-                    }
-                )
-            if isinstance(op, PutOp):
-                success.append(self._put_op(op.key, op.value, op.lease))
-            elif op.prefix:
-                success.append({"request_delete_range": {"key": _b64(op.key), "range_end": _range_end(op.key)}})
-            else:
-                success.append({"request_delete_range": {"key": _b64(op.key)}})
-        if len(compare) > MAX_TXN_OPS or len(success) > MAX_TXN_OPS:
-            raise DatastoreError(
-                f"one etcd transaction may hold at most {MAX_TXN_OPS} writes and {MAX_TXN_OPS} conditions; "
-                f"this one has {len(success)} and {len(compare)}: split the change"
-            )
-        txn = {"compare": compare, "success": success, "failure": []}
-        resp = self._post("kv/txn", txn)
-        if not resp.get("succeeded", False):
-            return None
-        return int(resp["header"]["revision"])
-
-    def grant_lease(self, ttl_seconds: int) -> int:
-        return int(self._post("lease/grant", {"TTL": ttl_seconds, "ID": 0})["ID"])
-
-    def keepalive(self, lease: int) -> int:
-        """The remaining TTL, or -1 if the lease expired (etcd then answers without a TTL)."""
-        return int(self._post("lease/keepalive", {"ID": lease}).get("result", {}).get("TTL", -1))
-
-    def revoke_lease(self, lease: int) -> None:
-        try:
-            self._post("kv/lease/revoke", {"ID": lease})
-        except DatastoreError as exc:
-            if "lease not found" not in str(exc):
-                raise
-
-    def lease_ttl(self, lease: int) -> int:
-        """The lease's remaining TTL in seconds, or -1 if it does not exist (expired or revoked)."""
-        return int(self._post("kv/lease/timetolive", {"ID": lease}).get("TTL", -1))
+        return self.client.reachability
 
     def close(self) -> None:
-        self.gateway.close()
+        self.client.close()
 
+    # -- multi-object writes (AtomicWriter) ----------------------------------------------------
 
-def connect(url: str) -> EtcdDatastore:
-    """Open the datastore named by URL (only etcd for now: http://HOST:PORT)."""
-    return EtcdDatastore(url)
+    def apply_many(self, objects: Sequence[Obj], admit: Admit | None = None, *, dry_run: bool = False) -> Applied:
+        """Create or replace the objects in one transaction: all are written or none is.
+
+        More objects than one etcd transaction holds (APPLY_BATCH) are first admitted and
+        planned whole, so that bad input still changes nothing, and then written in batches of
+        APPLY_BATCH, Namespaces first, each batch atomic and admitted again against what is
+        stored. Only another writer changing what a later batch reads can then stop the apply
+        part way (PartlyApplied), as kubectl, which writes object by object, can stop.
+
+        `admit` (e.g. `tulle.model.validation.admit_all`) defaults and checks the objects
+        against what it reads through the GuardedReader it is given; every read becomes a
+        condition of the commit, so a decision made on a read (a pool does not overlap, the
+        namespace exists) cannot be overtaken by another writer: the whole apply is then read,
+        admitted and tried again. Returns (object as stored, "created" | "configured" |
+        "unchanged") in input order.
+
+        >>> store.apply_many([ns_obj, policy_obj], admit=admit_all)  # doctest: +SKIP
+        [({...}, 'created'), ({...}, 'configured')]
+        """
+        if dry_run or len(objects) <= APPLY_BATCH:
+            return self._apply_atomic(objects, admit, dry_run=dry_run)
+        self._apply_atomic(objects, admit, dry_run=True)
+        # Namespaces first: a pod in a later batch is admitted against its stored namespace.
+        order = sorted(range(len(objects)), key=lambda i: objects[i].get("kind") != NAMESPACE.kind)
+        results: dict[int, tuple[Obj, str]] = {}
+        for start in range(0, len(order), APPLY_BATCH):
+            batch = order[start : start + APPLY_BATCH]
+            try:
+                written = self._apply_atomic([objects[i] for i in batch], admit, dry_run=False)
+            except Exception as exc:
+                if results:
+                    raise PartlyApplied([results[i] for i in sorted(results)], exc) from exc
+                if isinstance(exc, DatastoreError):
+                    raise  # nothing was written: the datastore's own error says it all
+                raise Conflict(f"what this apply read changed while it was written: {exc}") from exc
+            results.update(zip(batch, written, strict=True))
+        return [results[i] for i in range(len(objects))]
+
+    def _apply_atomic(self, objects: Sequence[Obj], admit: Admit | None, *, dry_run: bool) -> Applied:
+        for _ in range(_RETRIES):
+            reader = GuardedReader(self)
+            admitted = admit(objects, reader) if admit else [dict(o) for o in objects]
+            results, writes = plan_apply(admitted, reader.get)
+            if dry_run or not writes:
+                return results
+            ops: list[TxnOp] = []
+            for obj, expected in writes:
+                kind, namespace, name = identity(obj)
+                ops.append(PutOp(self.key(kind, name, namespace), encode(obj), int(expected or 0)))
+            revision = self.client.commit([*reader.conditions(skip={op.key for op in ops}), *ops])
+            if revision is None:
+                continue
+            for obj, verdict in results:
+                if verdict != "unchanged":
+                    obj["metadata"]["resourceVersion"] = str(revision)
+            return results
+        raise Conflict("the objects keep changing under this apply; try again")
+
+    def delete_namespace(self, name: str) -> bool:
+        """Delete the Namespace and, in the same transaction, every Pod and NetworkPolicy in it.
+
+        Kubernetes' namespace controller does this in the background; at once is simpler and
+        leaves no window in which the objects outlive their namespace. Admission guards the
+        other side: an apply into a namespace is conditional on the namespace's revision."""
+        key = self.key(NAMESPACE, name)
+        for _ in range(_RETRIES):
+            kv = self.client.get(key)
+            if kv is None:
+                return False
+            ops: list[TxnOp] = [DeleteOp(key, expected_revision=kv.mod_revision)]
+            ops += [DeleteOp(self.list_prefix(kind, name), prefix=True) for kind in NAMESPACE_CASCADE]
+            if self.client.commit(ops) is not None:
+                return True
+        raise Conflict(f'namespaces "{name}" keeps changing; try again')

@@ -1,9 +1,13 @@
 """Per-node address allocation from blocks claimed in the datastore.
 
+A block is an `IPAMBlock` object (tulle.dev/v1, cluster-scoped, as Calico's): its cidr, pool,
+owning node and allocations (address -> handle and attributes). Every write is one object's
+compare-and-swap on its resourceVersion, so the same code runs on any backend.
+
 Invariants (docs/design/ipam.md):
 1. A block belongs to at most one node: it is claimed with create-if-absent.
 2. An address is given to at most one handle: allocations live in the block object and change
-   only by compare-and-swap on its revision.
+   only by compare-and-swap on its resourceVersion.
 3. A dual-stack allocation is all or nothing: if one family fails, the other is given back.
 4. Releasing is idempotent: releasing a handle that holds nothing succeeds.
 7. An address a live endpoint holds is never given to another: a restarted agent records its
@@ -15,16 +19,17 @@ Invariants (docs/design/ipam.md):
 
 from __future__ import annotations
 
+import copy
 import ipaddress
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tulle.datastore.base import Datastore, KeyValue
-from tulle.ipam.pools import IPAddress, IPNetwork, Pool
+from tulle.datastore.base import AlreadyExists, Conflict, Datastore, NotFound, Obj
+from tulle.model.kinds import IPAM_BLOCK
+from tulle.model.pools import IPAddress, IPNetwork, Pool
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +46,47 @@ class AddressConflict(IpamError):
 Holding = tuple[str, Sequence[str], dict[str, Any]]
 
 
+def block_name(cidr: IPNetwork) -> str:
+    """The IPAMBlock's name: its cidr as a DNS subdomain.
+
+    >>> block_name(ipaddress.ip_network("10.244.1.64/26"))
+    '10-244-1-64-26'
+    """
+    return str(cidr).replace(".", "-").replace(":", "-").replace("/", "-")
+
+
 @dataclass
 class Block:
     cidr: IPNetwork
     pool: str
     node: str
     allocations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    revision: int = 0
+    # The stored object's metadata (uid, creationTimestamp, resourceVersion): a write of this
+    # copy is a compare-and-swap on the version it was read at.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def family(self) -> int:
         return self.cidr.version
 
-    def to_json(self) -> bytes:
-        body = {"cidr": str(self.cidr), "pool": self.pool, "node": self.node, "allocations": self.allocations}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    @property
+    def name(self) -> str:
+        return block_name(self.cidr)
+
+    def to_object(self) -> Obj:
+        meta = dict(self.meta, name=self.name)
+        spec = {"cidr": str(self.cidr), "pool": self.pool, "node": self.node, "allocations": self.allocations}
+        return {"apiVersion": IPAM_BLOCK.api_version, "kind": IPAM_BLOCK.kind, "metadata": meta, "spec": spec}
 
     @classmethod
-    def from_kv(cls, kv: KeyValue) -> Block:
-        body = json.loads(kv.value)
+    def from_object(cls, obj: Obj) -> Block:
+        spec = obj["spec"]
         return cls(
-            cidr=ipaddress.ip_network(body["cidr"]),
-            pool=body.get("pool", ""),
-            node=body["node"],
-            allocations=dict(body.get("allocations", {})),
-            revision=kv.mod_revision,
+            cidr=ipaddress.ip_network(spec["cidr"]),
+            pool=str(spec.get("pool", "")),
+            node=str(spec["node"]),
+            allocations=copy.deepcopy(dict(spec.get("allocations") or {})),
+            meta=copy.deepcopy(dict(obj.get("metadata", {}))),
         )
 
     def free_address(self, held: Callable[[str], bool] = lambda _a: False) -> IPAddress | None:
@@ -77,63 +98,77 @@ class Block:
         return None
 
 
-def blocks_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/ipam/blocks/"
-
-
-def block_key(prefix: str, cidr: IPNetwork) -> str:
-    return blocks_prefix(prefix) + str(cidr).replace("/", "_")
-
-
-def list_blocks(datastore: Datastore, prefix: str) -> list[Block]:
-    kvs, _ = datastore.list(blocks_prefix(prefix))
-    return [Block.from_kv(kv) for kv in kvs]
+def list_blocks(datastore: Datastore) -> list[Block]:
+    objects, _ = datastore.list(IPAM_BLOCK)
+    return [Block.from_object(obj) for obj in objects]
 
 
 class NodeAllocator:
     """Gives this node's pods addresses from blocks the node claims.
 
-    >>> alloc = NodeAllocator(store, "/tulle", "node1", lambda: pools)  # doctest: +SKIP
-    >>> alloc.allocate("ctr1/eth0", [4, 6], {"pod": "default/web"})     # doctest: +SKIP
+    It keeps its own blocks as last read or written: an allocation is then one compare-and-swap
+    per family, and a lost race (or a block changed behind its back) re-reads that block. It
+    learns its blocks by one list of every block when first used, then from its own claims, so
+    that an ADD never reads the cluster's blocks (a 1000-node cluster holds ~2000).
+
+    >>> alloc = NodeAllocator(datastore, "node1", lambda: pools)  # doctest: +SKIP
+    >>> alloc.allocate("ctr1/eth0", [4, 6], {"pod": "default/web"})  # doctest: +SKIP
     [IPv4Address('10.244.3.0'), IPv6Address('fd00:10:244::c0')]
     """
 
-    def __init__(self, datastore: Datastore, prefix: str, node: str, pools: Callable[[], list[Pool]]) -> None:
+    def __init__(self, datastore: Datastore, node: str, pools: Callable[[], list[Pool]]) -> None:
         self.datastore = datastore
-        self.prefix = prefix
         self.node = node
         self._pools = pools
         self._lock = threading.RLock()
-        # Keys of the blocks this node holds, learned by one list of every block and kept up to
-        # date by our own claims: an allocation then reads this node's few blocks, not the
-        # cluster's thousands (a 1000-node cluster holds ~2000 blocks, each with its allocations).
-        self._own_keys: set[str] | None = None
+        self._blocks: dict[str, Block] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
-    def local_blocks(self) -> list[Block]:
+    def _own(self) -> dict[str, Block]:
+        if self._blocks is None:
+            self._blocks = {b.name: b for b in list_blocks(self.datastore) if b.node == self.node}
+        return self._blocks
+
+    def _refresh(self, name: str) -> None:
+        """Read one block again; a block freed, or now another node's, is forgotten."""
+        own = self._own()
+        obj = self.datastore.get(IPAM_BLOCK, name)
+        block = Block.from_object(obj) if obj is not None else None
+        if block is None or block.node != self.node:
+            own.pop(name, None)
+        else:
+            own[name] = block
+
+    def local_blocks(self, fresh: bool = False) -> list[Block]:
+        """This node's blocks (copies), as last known, or read afresh."""
         with self._lock:
-            if self._own_keys is None:
-                blocks = [b for b in list_blocks(self.datastore, self.prefix) if b.node == self.node]
-                self._own_keys = {block_key(self.prefix, b.cidr) for b in blocks}
-                return blocks
-            keys = sorted(self._own_keys)
-            blocks = []
-            for key, kv in zip(keys, self.datastore.get_many(keys), strict=True):
-                block = Block.from_kv(kv) if kv is not None else None
-                if block is None or block.node != self.node:
-                    self._own_keys.discard(key)  # freed while this node was thought gone
-                    continue
-                blocks.append(block)
-            return blocks
+            if fresh and self._blocks is not None:
+                for name in list(self._blocks):
+                    self._refresh(name)
+            return [copy.deepcopy(b) for _, b in sorted(self._own().items())]
 
     def allocations(self) -> dict[str, list[str]]:
-        """handle -> addresses, over this node's blocks."""
+        """handle -> addresses, over this node's blocks, read afresh."""
         out: dict[str, list[str]] = {}
-        for block in self.local_blocks():
+        for block in self.local_blocks(fresh=True):
             for address, attrs in block.allocations.items():
                 out.setdefault(attrs["handle"], []).append(address)
         return out
+
+    def _write(self, block: Block) -> bool:
+        """Store this copy of one of our blocks if nobody wrote it since it was read (invariant
+        2); on a lost race, read it again and say so."""
+        try:
+            stored = self.datastore.update(block.to_object())
+        except NotFound:
+            self._own().pop(block.name, None)
+            return False
+        except Conflict:
+            self._refresh(block.name)
+            return False
+        self._own()[block.name] = Block.from_object(stored)
+        return True
 
     # -- claiming blocks ---------------------------------------------------------------------
 
@@ -142,16 +177,15 @@ class NodeAllocator:
 
     def _create_block(self, cidr: IPNetwork, pool: str) -> Block | None:
         """Create the block for this node if nobody holds it (invariant 1); None if somebody does."""
-        key = block_key(self.prefix, cidr)
-        if not self.datastore.create(key, Block(cidr=cidr, pool=pool, node=self.node).to_json()):
+        try:
+            stored = self.datastore.create(Block(cidr=cidr, pool=pool, node=self.node).to_object())
+        except AlreadyExists:
             return None
         log.info("claimed block", extra={"block": str(cidr), "pool": pool})
+        block = Block.from_object(stored)
         with self._lock:
-            if self._own_keys is not None:
-                self._own_keys.add(key)
-        stored = self.datastore.get(key)
-        assert stored is not None
-        return Block.from_kv(stored)
+            self._own()[block.name] = block
+        return copy.deepcopy(block)
 
     def claim_block(self, family: int) -> Block:
         """Claim one more block of this family for this node (invariant 1)."""
@@ -160,7 +194,7 @@ class NodeAllocator:
             raise IpamError(f"no IPv{family} pool is configured: create an IPPool with an IPv{family} cidr")
         for pool in pools:
             while True:
-                taken = {str(b.cidr) for b in list_blocks(self.datastore, self.prefix)}
+                taken = {str(b.cidr) for b in list_blocks(self.datastore)}
                 candidate = next((c for c in pool.blocks_from(self.node) if str(c) not in taken), None)
                 if candidate is None:
                     break  # this pool is full; try the next one
@@ -185,26 +219,22 @@ class NodeAllocator:
 
     # -- addresses ---------------------------------------------------------------------------
 
-    def _allocate_one(
-        self, handle: str, family: int, attrs: dict[str, Any], blocks: list[Block], held: Callable[[str], bool]
-    ) -> IPAddress:
-        """An address of one family from this node's blocks (`blocks` as last read; re-read on conflict)."""
+    def _allocate_one(self, handle: str, family: int, attrs: dict[str, Any], held: Callable[[str], bool]) -> IPAddress:
+        """An address of one family from this node's blocks, claiming a block when all are full."""
         for _attempt in range(100):
-            mine = sorted((b for b in blocks if b.family == family), key=lambda b: int(b.cidr.network_address))
-            for block in mine:
+            blocks = sorted(
+                (b for b in self.local_blocks() if b.family == family), key=lambda b: int(b.cidr.network_address)
+            )
+            for block in blocks:
                 address = block.free_address(held)
                 if address is None:
                     continue
                 block.allocations[str(address)] = dict(attrs, handle=handle)
-                if self.datastore.update(block_key(self.prefix, block.cidr), block.to_json(), block.revision):
-                    block.revision = -1  # unknown now: a later use of this copy re-reads
+                if self._write(block):
                     return address
-                del block.allocations[str(address)]
                 break  # the block changed under us (invariant 2): read again
             else:
-                blocks.append(self.claim_block(family))
-                continue
-            blocks[:] = self.local_blocks()
+                self.claim_block(family)
         raise IpamError(f"could not allocate an IPv{family} address for {handle}: the datastore kept changing")
 
     def allocate(
@@ -217,19 +247,17 @@ class NodeAllocator:
         """One address per family for handle; all or nothing (invariant 3). `held(address)` says
         an endpoint holds the address whatever the blocks say: it is never given (invariant 7)."""
         with self._lock:
-            blocks = self.local_blocks()
-            existing = [a for b in blocks for a, at in b.allocations.items() if at.get("handle") == handle]
+            existing = [a for b in self.local_blocks() for a, at in b.allocations.items() if at.get("handle") == handle]
             if existing:
                 # The same handle asks again (a retried ADD): give it what it has.
                 have = [ipaddress.ip_address(a) for a in existing]
                 if sorted(a.version for a in have) == sorted(families):
                     return sorted(have, key=lambda a: a.version)
                 self.release(handle)
-                blocks = self.local_blocks()
             given: list[IPAddress] = []
             try:
                 for family in families:
-                    given.append(self._allocate_one(handle, family, attrs or {}, blocks, held))
+                    given.append(self._allocate_one(handle, family, attrs or {}, held))
             except Exception:
                 self.release(handle)
                 raise
@@ -247,7 +275,7 @@ class NodeAllocator:
                         continue
                     for address in mine:
                         del block.allocations[address]
-                    if self.datastore.update(block_key(self.prefix, block.cidr), block.to_json(), block.revision):
+                    if self._write(block):
                         released.extend(mine)
                     else:
                         retry = True
@@ -258,12 +286,12 @@ class NodeAllocator:
     def reclaim(self, holdings: Sequence[Holding]) -> tuple[list[str], list[str]]:
         """Record each holding's addresses as its handle's again: an endpoint read back from disk
         keeps what it has (invariant 7), also when its allocation or its whole block was lost
-        while the agent was away. One read of this node's blocks when nothing is missing.
-        Returns (addresses recorded again, conflicts): an address held by another handle, or
-        lying in another node's block, is reported, never taken over."""
+        while the agent was away. Reads this node's blocks afresh, and writes only when
+        something is missing. Returns (addresses recorded again, conflicts): an address held by
+        another handle, or lying in another node's block, is reported, never taken over."""
         with self._lock:
             for _attempt in range(100):
-                blocks = self.local_blocks()
+                blocks = self.local_blocks(fresh=True)
                 changed: dict[str, Block] = {}
                 recorded: list[str] = []
                 conflicts: list[str] = []
@@ -286,12 +314,9 @@ class NodeAllocator:
                             )
                         elif holder is None:
                             block.allocations[address] = dict(attrs, handle=handle)
-                            changed[str(block.cidr)] = block
+                            changed[block.name] = block
                             recorded.append(address)
-                if all(
-                    self.datastore.update(block_key(self.prefix, b.cidr), b.to_json(), b.revision)
-                    for b in changed.values()
-                ):
+                if all(self._write(b) for b in changed.values()):
                     return recorded, conflicts
             raise IpamError("could not record the running endpoints' addresses: the datastore kept changing")
 
@@ -303,15 +328,13 @@ class NodeAllocator:
             raise AddressConflict(f"address {ip} is in no IPPool: its pool was deleted while a pod holds it")
         cidr = ipaddress.ip_network((ip, pool.block_size), strict=False)
         for _attempt in range(100):
-            kv = self.datastore.get(block_key(self.prefix, cidr))
-            if kv is not None:
-                block = Block.from_kv(kv)
+            obj = self.datastore.get(IPAM_BLOCK, block_name(cidr))
+            if obj is not None:
+                block = Block.from_object(obj)
                 if block.node != self.node:
                     raise AddressConflict(f"address {ip} lies in block {cidr}, which node {block.node} holds now")
-                with self._lock:
-                    if self._own_keys is not None:
-                        self._own_keys.add(block_key(self.prefix, cidr))
-                return block
+                self._own()[block.name] = block
+                return copy.deepcopy(block)
             created = self._create_block(cidr, pool.name)
             if created is not None:
                 return created
@@ -327,13 +350,16 @@ class NodeAllocator:
             return out
 
 
-def release_node_blocks(datastore: Datastore, prefix: str, node: str, held: Callable[[str], bool]) -> list[str]:
+def release_node_blocks(datastore: Datastore, node: str, held: Callable[[str], bool]) -> list[str]:
     """Free the blocks of a removed node (invariant 8): each block where no address is `held`
     by an endpoint, by compare-and-swap on the block as read."""
     freed = []
-    for block in list_blocks(datastore, prefix):
+    for block in list_blocks(datastore):
         if block.node != node or any(held(a) for a in block.allocations):
             continue
-        if datastore.delete(block_key(prefix, block.cidr), expected_revision=block.revision):
-            freed.append(str(block.cidr))
+        try:
+            if datastore.delete(IPAM_BLOCK, block.name, resource_version=block.meta.get("resourceVersion")):
+                freed.append(str(block.cidr))
+        except Conflict:
+            continue  # it changed: the next pass looks again
     return freed

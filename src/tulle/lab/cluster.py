@@ -18,17 +18,17 @@ from urllib.parse import urlsplit
 
 from tulle.cni.conflist import conflist, write_conflist
 from tulle.dataplane.netns import run_in_netns
-from tulle.datastore.etcd import EtcdDatastore
-from tulle.datastore.etcd_server import EtcdServer, pid_alive, stop_pid
-from tulle.datastore.etcd_server import start_etcd as launch_etcd
-from tulle.ipam.pools import pool_object
+from tulle.datastore.base import AtomicWriter, Datastore, Obj
+from tulle.datastore.factory import open_datastore
 from tulle.lab import state as lab_state
 from tulle.lab import topology
+from tulle.lab.etcd_server import EtcdServer, pid_alive, stop_pid
+from tulle.lab.etcd_server import start_etcd as launch_etcd
 from tulle.lab.podman import Podman, make_rootfs
 from tulle.lab.runtime import CniRuntime
 from tulle.lab.topology import Names, TopologyError
 from tulle.model.kinds import NAMESPACE, NODE, POD
-from tulle.model.store import ResourceStore
+from tulle.model.pools import pool_object
 
 T = TypeVar("T")
 
@@ -67,13 +67,13 @@ class Lab:
 
     # -- the datastore, reached from inside the underlay ---------------------------------
 
-    def with_store(self, state: dict[str, Any], fn: Callable[[ResourceStore], T], timeout: float = 5.0) -> T:
+    def with_store(self, state: dict[str, Any], fn: Callable[[Datastore], T], timeout: float = 5.0) -> T:
         url = state["etcd"]["url"]
 
         def call() -> T:
-            ds = EtcdDatastore(url, timeout=timeout)
+            ds = open_datastore(url, timeout=timeout)
             try:
-                return fn(ResourceStore(ds))
+                return fn(ds)
             finally:
                 ds.close()
 
@@ -134,10 +134,8 @@ class Lab:
         return state
 
     @staticmethod
-    def _create_pools(store: ResourceStore, families: list[int]) -> None:
-        for family in families:
-            name, cidr, block = DEFAULT_POOLS[family]
-            store.apply(_admit(pool_object(name, cidr, block), store))
+    def _create_pools(store: Datastore, families: list[int]) -> None:
+        _apply(store, [pool_object(*DEFAULT_POOLS[family]) for family in families])
 
     def down(self, progress: Callable[[str], None] = lambda _m: None) -> None:
         """Stop every process of the lab by PID and remove everything it made."""
@@ -460,11 +458,11 @@ class Lab:
             },
         }
 
-        def write(store: ResourceStore) -> None:
+        def write(store: Datastore) -> None:
+            objects = [pod_obj]
             if store.get(NAMESPACE, namespace) is None:
-                ns_obj = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
-                store.apply(_admit(ns_obj, store))
-            store.apply(_admit(pod_obj, store))
+                objects.insert(0, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            _apply(store, objects)
 
         undo: list[Callable[[], None]] = []
         wrote_pod = False
@@ -541,7 +539,7 @@ class Lab:
                 owed = [k for k in now.get("pendingPodDeletes", []) if k not in now.get("pods", {})]
                 done: list[str] = []
 
-                def delete_owed(store: ResourceStore) -> None:
+                def delete_owed(store: Datastore) -> None:
                     for key in owed:
                         namespace, _, pod = key.partition("/")
                         store.delete(POD, pod, namespace)
@@ -760,7 +758,7 @@ def _owner_alive(owner: str) -> bool:
     return pid.isdigit() and pid_alive(int(pid)) and _start_time(int(pid)) == started
 
 
-def _mark_running(store: ResourceStore, namespace: str, pod: str, ips: list[str], host_ip: str) -> None:
+def _mark_running(store: Datastore, namespace: str, pod: str, ips: list[str], host_ip: str) -> None:
     """What the kubelet reports once the sandbox has its network: phase and addresses."""
     obj = store.get(POD, pod, namespace)
     if obj is None:
@@ -776,14 +774,12 @@ def _mark_running(store: ResourceStore, namespace: str, pod: str, ips: list[str]
     store.update(obj)
 
 
-def _admit(obj: dict[str, Any], store: ResourceStore) -> dict[str, Any]:
-    """Defaulting and validation, as `tulle apply` does (when the validation module is present)."""
-    try:
-        from tulle.model.validation import admit
-    except ImportError:
-        return obj
-    admitted: dict[str, Any] = admit(obj, store)
-    return admitted
+def _apply(store: Datastore, objects: list[Obj]) -> None:
+    """Create or replace the objects, defaulted and checked as `tulle apply` does them."""
+    from tulle.model.validation import admit_all
+
+    assert isinstance(store, AtomicWriter), store.url
+    store.apply_many(objects, admit=admit_all)
 
 
 __all__ = ["Lab", "LabError", "TopologyError"]

@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 
 from tulle.dataplane.netns import run_in_netns
+from tulle.datastore.base import AtomicWriter, Datastore
 from tulle.lab.cluster import Lab
 from tulle.lab.probe import ServerSet, probe_matrix
 from tulle.lab.state import load
 from tulle.model.kinds import NAMESPACE, NETWORK_POLICY, POD, WORKLOAD_ENDPOINT
-from tulle.model.store import ResourceStore
 
 PODS = [
     ("node1", "shop", "web-1", "web"),
@@ -166,7 +166,12 @@ class Demo:
 
         objects = [o for o in yaml.safe_load_all(POLICY) if o]
         t = time.monotonic()
-        self.lab.with_store(load(self.lab.name), lambda store: store.apply_many(objects, admit=admit_all))
+
+        def write(store: Datastore) -> None:
+            assert isinstance(store, AtomicWriter), store.url
+            store.apply_many(objects, admit=admit_all)
+
+        self.lab.with_store(load(self.lab.name), write)
         names = [p for _, _, p, _ in PODS]
 
         def enforced() -> dict[tuple[str, str], bool]:
@@ -190,7 +195,7 @@ class Demo:
         from tulle.policy.inputs import inputs_from_objects
         from tulle.policy.trace import trace
 
-        def read(store: ResourceStore) -> list[list[dict[str, Any]]]:
+        def read(store: Datastore) -> list[list[dict[str, Any]]]:
             return [store.list(k)[0] for k in (NAMESPACE, POD, NETWORK_POLICY, WORKLOAD_ENDPOINT)]
 
         model = compile_policies(inputs_from_objects(*self.lab.with_store(load(self.lab.name), read)))

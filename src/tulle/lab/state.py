@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from tulle.cni.files import write_atomically
+
 LABS_DIR = os.environ.get("TULLE_LABS_DIR", "/run/tulle/labs")
 
 
@@ -34,11 +36,7 @@ def load(name: str) -> dict[str, Any]:
 
 
 def save(name: str, state: dict[str, Any]) -> None:
-    path = state_path(name)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomically(state_path(name), json.dumps(state, indent=2, sort_keys=True).encode(), mode=0o644)
 
 
 @contextmanager

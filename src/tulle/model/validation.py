@@ -18,7 +18,6 @@ commit. Without a store only the object itself is checked (no namespace, pool or
 
 from __future__ import annotations
 
-import ast
 import copy
 import ipaddress
 import json
@@ -27,9 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tulle.ipam.pools import Pool, PoolError, check_no_overlap, parse_pool
-from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, POD, Kind, by_kind
-from tulle.model.store import Obj, Reader
+from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, POD, Kind, Obj, Reader, by_kind
+from tulle.model.pools import NO_VALUE, Pool, PoolError, check_no_overlap, parse_pool
 
 # The kinds users write; Nodes and WorkloadEndpoints are written by the agents.
 ADMITTED: tuple[Kind, ...] = (NAMESPACE, POD, NETWORK_POLICY, IP_POOL)
@@ -371,7 +369,7 @@ _SCHEMAS: dict[str, Schema] = {
         },
         status=False,
     ),
-    # the fields tulle.ipam.pools.parse_pool reads; status for whatever reports on a pool
+    # the fields tulle.model.pools.parse_pool reads; status for whatever reports on a pool
     IP_POOL.kind: _top({"cidr": None, "blockSize": None}, status=True),
 }
 
@@ -723,21 +721,11 @@ def _validate_network_policy(spec: dict[str, Any], errs: _Errors) -> None:
 
 
 def _pool_error(err: PoolError) -> FieldError:
-    """tulle.ipam.pools words its errors `IPPool NAME: FIELD: Invalid value 'V': WHY`; reword them
-    as the API server does (`FIELD: Invalid value: "V": WHY`)."""
-    text = str(err)
-    if text.startswith("IPPool "):
-        text = text.partition(": ")[2]
-    field, _, reason = text.partition(": ")
-    if reason.startswith("Invalid value "):
-        shown, _, detail = reason[len("Invalid value ") :].partition(": ")
-        try:
-            value: Any = ast.literal_eval(shown)  # the pools module shows values with repr()
-        except (ValueError, SyntaxError):
-            value = shown
-        return FieldError(INVALID, field, value, detail)
-    error_type, _, detail = reason.partition(": ")
-    return FieldError(error_type or INVALID, field, detail=detail)
+    """A pool's error as the API server words a field error (`FIELD: Invalid value: "V": WHY`)."""
+    if err.error_type == UNKNOWN:
+        return FieldError(UNKNOWN, err.field)
+    value = _NO_VALUE if err.value is NO_VALUE else err.value
+    return FieldError(err.error_type, err.field, value, err.detail)
 
 
 def _validate_ip_pool(spec: dict[str, Any] | None, obj: Obj, errs: _Errors) -> Pool | None:

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tulle.model.protocols import PROTOCOL_NAMES
 from tulle.model.selectors import LabelIndex, LabelSelector, bits, mask_of
 from tulle.policy.inputs import (
     TYPE_EGRESS,
@@ -49,7 +50,6 @@ EGRESS = "egress"
 DIRECTIONS = (INGRESS, EGRESS)
 FAMILIES = (4, 6)
 LAST_ADDRESS = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
-PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
 MAX_ATOM = (1 << 32) - 1  # the datapath carries the atom in the 32-bit ct mark
 
 Resolution = frozenset[tuple[str, int, int]]  # named ports: (name, protocol, number)

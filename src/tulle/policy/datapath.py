@@ -47,11 +47,9 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from tulle.dataplane.nft import NftChain, NftSet, NftTable, Rule
+from tulle.kernelstate.nft import NftChain, NftSet, NftTable, Rule
 from tulle.policy.compiler import DIRECTIONS, EGRESS, FAMILIES, INGRESS, PodPolicy, PolicyModel
 from tulle.policy.verdict import port_ranges
-
-ALL_PORTS = (0, 65535)
 
 
 def mark(atom: int) -> int:
@@ -316,7 +314,7 @@ def policy_table(model: PolicyModel, local_ips: Iterable[str]) -> NftTable:
     for family in FAMILIES:
         for name, s in _sets(family).items():
             sets[name] = NftSet(s.name, s.type, s.flags, s.map, frozenset(elements.get(name, ())))
-    return NftTable(chains=policy_chains(), sets=sets, counters=counters)
+    return NftTable(chains=policy_chains(), sets=sets, counters=frozenset(counters))
 
 
 def drop_counters(model: PolicyModel, local_ips: Iterable[str]) -> dict[str, tuple[str, str]]:

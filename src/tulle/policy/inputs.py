@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tulle.model.protocols import KUBERNETES_PROTOCOLS, TCP
 from tulle.model.selectors import EVERYTHING, LabelSelector, SelectorError, parse_selector
 
 Labels = tuple[tuple[str, str], ...]  # sorted (key, value) pairs: hashable, comparable
@@ -30,7 +31,6 @@ Labels = tuple[tuple[str, str], ...]  # sorted (key, value) pairs: hashable, com
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 TYPE_INGRESS = "Ingress"
 TYPE_EGRESS = "Egress"
-PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 
 class Malformed(ValueError):
@@ -180,10 +180,10 @@ def parse_namespace(obj: Any) -> Namespace:
 
 def _protocol(value: Any, where: str) -> int:
     if value is None:
-        return PROTOCOLS["TCP"]
-    if not isinstance(value, str) or value.upper() not in PROTOCOLS:
+        return TCP
+    if not isinstance(value, str) or value.upper() not in KUBERNETES_PROTOCOLS:
         raise Malformed(f"{where}: protocol {value!r} is not TCP, UDP or SCTP")
-    return PROTOCOLS[value.upper()]
+    return KUBERNETES_PROTOCOLS[value.upper()]
 
 
 def _named_ports(spec: Mapping[str, Any], where: str, warnings: list[str]) -> tuple[NamedPort, ...]:
@@ -382,6 +382,100 @@ def parse_policy(obj: Any, warnings: list[str]) -> Policy:
     return Policy(namespace, name, selector, kinds, ingress, egress)
 
 
+# What one datastore object says, decoded once (an informer keeps these): the value, and
+# warnings about the parts of it the compiler cannot use.
+@dataclass(frozen=True)
+class PodSource:
+    pod: Pod  # without the addresses of its endpoints
+    status_addresses: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    policy: Policy
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EndpointSource:
+    """A WorkloadEndpoint, as policy needs it: whose addresses, on which node."""
+
+    namespace: str
+    pod: str
+    node: str
+    addresses: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+
+def decode_pod(obj: Any) -> PodSource:
+    """Raises Malformed for a pod the compiler cannot use at all."""
+    warnings: list[str] = []
+    pod, status_ips = parse_pod(obj, warnings)
+    return PodSource(pod, tuple(status_ips), tuple(warnings))
+
+
+def decode_policy(obj: Any) -> PolicySource:
+    """Raises Malformed for a policy the compiler ignores whole."""
+    warnings: list[str] = []
+    policy = parse_policy(obj, warnings)
+    return PolicySource(policy, tuple(warnings))
+
+
+def decode_endpoint(obj: Any) -> EndpointSource:
+    warnings: list[str] = []
+    namespace, pod, node, ips = parse_endpoint(obj, warnings)
+    return EndpointSource(namespace, pod, node, tuple(ips), tuple(warnings))
+
+
+def assemble_inputs(
+    namespaces: Iterable[Namespace],
+    pods: Iterable[PodSource],
+    policies: Iterable[PolicySource],
+    endpoints: Iterable[EndpointSource],
+    warnings: Iterable[str] = (),
+) -> PolicyInputs:
+    """Compiler inputs from decoded objects: a pod's addresses are its status's and its
+    endpoints' together; an endpoint without a Pod object is a pod with no labels; a namespace
+    without a Namespace object exists with its name label."""
+    notes = list(warnings)
+    found_namespaces = {ns.name: ns for ns in namespaces}
+    found_pods: dict[tuple[str, str], Pod] = {}
+    addresses: dict[tuple[str, str], list[str]] = {}
+    for pod_source in pods:
+        pod = pod_source.pod
+        found_pods[(pod.namespace, pod.name)] = pod
+        addresses.setdefault((pod.namespace, pod.name), []).extend(pod_source.status_addresses)
+        notes.extend(pod_source.warnings)
+    nodes: dict[tuple[str, str], str] = {}
+    for ep in endpoints:
+        addresses.setdefault((ep.namespace, ep.pod), []).extend(ep.addresses)
+        nodes.setdefault((ep.namespace, ep.pod), ep.node)
+        notes.extend(ep.warnings)
+
+    out_pods: list[Pod] = []
+    for key in sorted(addresses):
+        pod = found_pods.get(key) or Pod(key[0], key[1], node=nodes.get(key, ""))
+        unique = tuple(sorted(set(addresses[key]), key=lambda a: (ipaddress.ip_address(a).version, a)))
+        out_pods.append(Pod(pod.namespace, pod.name, pod.labels, unique, pod.named_ports, pod.node))
+
+    out_policies: list[Policy] = []
+    for source in policies:
+        out_policies.append(source.policy)
+        notes.extend(source.warnings)
+    out_policies.sort(key=lambda p: (p.namespace, p.name))
+
+    for name in {p.namespace for p in out_pods} | {p.namespace for p in out_policies}:
+        if name not in found_namespaces:
+            found_namespaces[name] = Namespace(name, ((NAMESPACE_NAME_LABEL, name),))
+    return PolicyInputs(
+        namespaces=tuple(found_namespaces[n] for n in sorted(found_namespaces)),
+        pods=tuple(out_pods),
+        policies=tuple(out_policies),
+        warnings=tuple(notes),
+    )
+
+
 def inputs_from_objects(
     namespaces: Iterable[Any],
     pods: Iterable[Any],
@@ -399,55 +493,20 @@ def inputs_from_objects(
     ('10.244.1.5',)
     """
     warnings: list[str] = []
-    found_namespaces: dict[str, Namespace] = {}
-    for obj in namespaces:
-        try:
-            ns = parse_namespace(obj)
-        except Malformed as exc:
-            warnings.append(f"{exc}; skipped")
-            continue
-        found_namespaces[ns.name] = ns
 
-    found_pods: dict[tuple[str, str], Pod] = {}
-    addresses: dict[tuple[str, str], list[str]] = {}
-    for obj in pods:
-        try:
-            pod, status_ips = parse_pod(obj, warnings)
-        except Malformed as exc:
-            warnings.append(f"{exc}; skipped")
-            continue
-        found_pods[(pod.namespace, pod.name)] = pod
-        addresses.setdefault((pod.namespace, pod.name), []).extend(status_ips)
-    nodes: dict[tuple[str, str], str] = {}
-    for obj in endpoints:
-        try:
-            namespace, pod_name, node, ips = parse_endpoint(obj, warnings)
-        except Malformed as exc:
-            warnings.append(f"{exc}; skipped")
-            continue
-        addresses.setdefault((namespace, pod_name), []).extend(ips)
-        nodes.setdefault((namespace, pod_name), node)
+    def each(objects: Iterable[Any], decode: Any, skipped: str) -> list[Any]:
+        out = []
+        for obj in objects:
+            try:
+                out.append(decode(obj))
+            except Malformed as exc:
+                warnings.append(f"{exc}; {skipped}")
+        return out
 
-    out_pods: list[Pod] = []
-    for key in sorted(addresses):
-        pod = found_pods.get(key) or Pod(key[0], key[1], node=nodes.get(key, ""))
-        unique = tuple(sorted(set(addresses[key]), key=lambda a: (ipaddress.ip_address(a).version, a)))
-        out_pods.append(Pod(pod.namespace, pod.name, pod.labels, unique, pod.named_ports, pod.node))
-
-    out_policies: list[Policy] = []
-    for obj in policies:
-        try:
-            out_policies.append(parse_policy(obj, warnings))
-        except Malformed as exc:
-            warnings.append(f"{exc}; the policy is ignored")
-    out_policies.sort(key=lambda p: (p.namespace, p.name))
-
-    for name in {p.namespace for p in out_pods} | {p.namespace for p in out_policies}:
-        if name not in found_namespaces:
-            found_namespaces[name] = Namespace(name, ((NAMESPACE_NAME_LABEL, name),))
-    return PolicyInputs(
-        namespaces=tuple(found_namespaces[n] for n in sorted(found_namespaces)),
-        pods=tuple(out_pods),
-        policies=tuple(out_policies),
-        warnings=tuple(warnings),
+    return assemble_inputs(
+        each(namespaces, parse_namespace, "skipped"),
+        each(pods, decode_pod, "skipped"),
+        each(policies, decode_policy, "the policy is ignored"),
+        each(endpoints, decode_endpoint, "skipped"),
+        warnings,
     )

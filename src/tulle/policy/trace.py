@@ -13,7 +13,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from tulle.policy.compiler import EGRESS, INGRESS, PROTOCOL_NAMES, PolicyModel, canonical_address
+from tulle.model.protocols import PROTOCOL_NAMES
+from tulle.model.protocols import PROTOCOL_NUMBERS as PROTOCOL_NUMBERS  # re-exported for cli/policy_cmd.py
+from tulle.policy.compiler import EGRESS, INGRESS, PolicyModel, canonical_address
 from tulle.policy.verdict import (
     DirectionVerdict,
     decide,
@@ -21,8 +23,6 @@ from tulle.policy.verdict import (
     port_matches,
     resolution_for,
 )
-
-PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58}
 
 
 def protocol_number(protocol: str | int) -> int:
@@ -45,7 +45,7 @@ def protocol_number(protocol: str | int) -> int:
 
 
 def protocol_name(number: int) -> str:
-    return PROTOCOL_NAMES.get(number) or {1: "ICMP", 58: "ICMPv6"}.get(number, str(number))
+    return PROTOCOL_NAMES.get(number, str(number))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tulle.model.protocols import PORT_PROTOCOLS
 from tulle.policy.compiler import (
     EGRESS,
     INGRESS,
@@ -28,8 +29,6 @@ from tulle.policy.compiler import (
     Resolution,
     canonical_address,
 )
-
-PORT_PROTOCOLS = frozenset({6, 17, 132})
 
 
 @dataclass(frozen=True, order=True)

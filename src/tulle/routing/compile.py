@@ -19,10 +19,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from tulle.kernelstate.net import VXLAN_OVERHEAD, FdbEntry, Neighbour, Route
+
 MODES = ("host-gw", "vxlan", "hybrid")
-VXLAN_OVERHEAD = {4: 50, 6: 70}  # outer IP + UDP + VXLAN + inner Ethernet
-VXLAN_VNI = 4096
-VXLAN_PORT = 4789
 
 
 def vxlan_device(family: int) -> str:
@@ -67,33 +66,6 @@ class LocalNode:
     name: str
     mode: str
     underlay: tuple[str, ...]  # our underlay addresses with prefix length: 172.30.1.2/24
-
-
-@dataclass(frozen=True, order=True)
-class Route:
-    dst: str
-    gateway: str = ""
-    dev: str = ""
-    onlink: bool = False
-    blackhole: bool = False
-
-    @property
-    def family(self) -> int:
-        return ipaddress.ip_network(self.dst).version
-
-
-@dataclass(frozen=True, order=True)
-class Neighbour:
-    dev: str
-    address: str
-    mac: str
-
-
-@dataclass(frozen=True, order=True)
-class FdbEntry:
-    dev: str
-    mac: str
-    dst: str
 
 
 @dataclass

@@ -4,15 +4,13 @@ translated, so policy on the far side sees the real pod address."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from tulle.dataplane.nft import NftChain, NftSet, NftTable
-from tulle.ipam.pools import Pool
+from tulle.kernelstate.nft import NftChain, NftSet, NftTable, Rule
+from tulle.model.pools import Pool
 
 POOLS_SET = {4: "pools_v4", 6: "pools_v6"}
 
 
-def _masquerade_rule(family: int) -> tuple[dict[str, Any], ...]:
+def _masquerade_rule(family: int) -> Rule:
     proto = "ip" if family == 4 else "ip6"
     return (
         {

@@ -7,8 +7,8 @@ The pod packets inside are tracked as usual once decapsulated."""
 
 from __future__ import annotations
 
-from tulle.dataplane.nft import NftChain, NftTable
-from tulle.routing.compile import VXLAN_PORT
+from tulle.kernelstate.net import VXLAN_PORT
+from tulle.kernelstate.nft import NftChain, NftTable
 
 RAW_PRIORITY = -300  # before conntrack (-200)
 

@@ -9,7 +9,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from tulle.datastore.etcd import EtcdDatastore
+from tulle.datastore.factory import open_datastore
+from tulle.model.kinds import NAMESPACE
 
 ETCD = "/usr/bin/etcd"
 
@@ -74,9 +75,9 @@ def start_etcd(
                 # the probe must run where etcd listens
                 from tulle.dataplane.netns import run_in_netns
 
-                run_in_netns(f"/run/netns/{netns}", lambda: EtcdDatastore(url, timeout=1).revision())
+                run_in_netns(f"/run/netns/{netns}", lambda: open_datastore(url, timeout=1).get(NAMESPACE, "default"))
             else:
-                EtcdDatastore(url, timeout=1).revision()
+                open_datastore(url, timeout=1).get(NAMESPACE, "default")
             return server
         except Exception as exc:
             probe_error = str(exc)

@@ -20,8 +20,25 @@ DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
 MAX_BLOCK_PREFIX = {4: 30, 6: 126}
 
 
+NO_VALUE: Any = object()  # a PoolError about a field that has no value to show
+
+
 class PoolError(ValueError):
-    """An IPPool that cannot be used; the message names the field and the reason."""
+    """An IPPool that cannot be used: which pool, which field, the kind of error (as the API
+    server's field errors name it: "Required value", "Invalid value", "unknown field"), the
+    refused value and why. Its text is `IPPool NAME: FIELD: TYPE VALUE: DETAIL`."""
+
+    def __init__(self, pool: str | None, field: str, error_type: str, value: Any = NO_VALUE, detail: str = "") -> None:
+        self.pool = pool
+        self.field = field
+        self.error_type = error_type
+        self.value = value
+        self.detail = detail
+        text = error_type if value is NO_VALUE else f"{error_type} {value!r}"
+        if error_type == "unknown field":
+            field, text = field.rpartition(".")[0], f'unknown field "{field.rpartition(".")[2]}"'
+        where = f"IPPool {pool}: " if pool else ""
+        super().__init__(f"{where}{field}: {text}" + (f": {detail}" if detail else ""))
 
 
 @dataclass(frozen=True)
@@ -57,31 +74,34 @@ def parse_pool(obj: dict[str, Any]) -> Pool:
     """An IPPool object as a Pool; PoolError names the field that is wrong."""
     name = obj.get("metadata", {}).get("name")
     if not isinstance(name, str) or not name:
-        raise PoolError("metadata.name: Required value")
+        raise PoolError(None, "metadata.name", "Required value")
     spec = obj.get("spec")
     if not isinstance(spec, dict):
-        raise PoolError(f"IPPool {name}: spec: Required value")
+        raise PoolError(name, "spec", "Required value")
     raw = spec.get("cidr")
     if not isinstance(raw, str) or not raw:
-        raise PoolError(f"IPPool {name}: spec.cidr: Required value")
+        raise PoolError(name, "spec.cidr", "Required value")
     try:
         cidr = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
-        raise PoolError(f"IPPool {name}: spec.cidr: Invalid value {raw!r}: must be a network in CIDR form ({exc})")
+        raise PoolError(name, "spec.cidr", "Invalid value", raw, f"must be a network in CIDR form ({exc})")
     if "/" not in raw:
-        raise PoolError(f"IPPool {name}: spec.cidr: Invalid value {raw!r}: must be a network in CIDR form")
+        raise PoolError(name, "spec.cidr", "Invalid value", raw, "must be a network in CIDR form")
     family = cidr.version
     block_size = spec.get("blockSize", DEFAULT_BLOCK_SIZE[family])
     if not isinstance(block_size, int) or isinstance(block_size, bool):
-        raise PoolError(f"IPPool {name}: spec.blockSize: Invalid value {block_size!r}: must be a whole number")
+        raise PoolError(name, "spec.blockSize", "Invalid value", block_size, "must be a whole number")
     if not cidr.prefixlen <= block_size <= MAX_BLOCK_PREFIX[family]:
         raise PoolError(
-            f"IPPool {name}: spec.blockSize: Invalid value {block_size}: must be from the pool's prefix length "
-            f"{cidr.prefixlen} to {MAX_BLOCK_PREFIX[family]} for IPv{family}"
+            name,
+            "spec.blockSize",
+            "Invalid value",
+            block_size,
+            f"must be from the pool's prefix length {cidr.prefixlen} to {MAX_BLOCK_PREFIX[family]} for IPv{family}",
         )
     unknown = set(spec) - {"cidr", "blockSize"}
     if unknown:
-        raise PoolError(f'IPPool {name}: spec: unknown field "{sorted(unknown)[0]}"')
+        raise PoolError(name, f"spec.{sorted(unknown)[0]}", "unknown field")
     return Pool(name=name, cidr=cidr, block_size=block_size)
 
 
@@ -91,7 +111,7 @@ def check_no_overlap(pools: list[Pool]) -> None:
         for b in pools[i + 1 :]:
             if a.family == b.family and a.cidr.overlaps(b.cidr):  # type: ignore[arg-type]
                 raise PoolError(
-                    f"IPPool {b.name}: spec.cidr: Invalid value {str(b.cidr)!r}: overlaps IPPool {a.name} ({a.cidr})"
+                    b.name, "spec.cidr", "Invalid value", str(b.cidr), f"overlaps IPPool {a.name} ({a.cidr})"
                 )
 
 

@@ -1,0 +1,132 @@
+"""The controller pattern: handlers enqueue keys, one worker syncs each key from current state.
+
+A burst of events for one key costs one sync (the queue is a set); a sync that fails is tried
+again with a growing delay; every `resync` seconds the controller enqueues FULL, its chance to
+compare with the kernel itself and heal drift or a missed event (client-go's work queue and
+resync period, kube-controller-manager's shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+FULL = "*"  # the key of a full sync
+
+
+class Controller:
+    """Subclasses implement `sync(key)`; everything else calls `enqueue(key)`.
+
+    >>> class Echo(Controller):
+    ...     def sync(self, key: str) -> None:
+    ...         print("sync", key)
+    >>> echo = Echo("echo", resync=0)
+    >>> echo.enqueue("a"); echo.enqueue("a"); echo.run_pending()
+    sync a
+    """
+
+    def __init__(self, name: str, resync: float = 30.0) -> None:
+        self.name = name
+        self.resync = resync
+        self._cond = threading.Condition()
+        self._queued: dict[str, float] = {}  # key -> not before (time.monotonic())
+        self._failures: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_full = 0.0
+        self.last_error = ""
+        self.last_error_at = 0.0
+        self.synced_keys = 0  # syncs done: for tests and benchmarks of the work per event
+
+    def sync(self, key: str) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, key: str = FULL, after: float = 0.0) -> None:
+        """Ask for a sync of `key` (after `after` seconds); several asks before it runs make one."""
+        with self._cond:
+            when = time.monotonic() + after
+            if key not in self._queued or when < self._queued[key]:
+                self._queued[key] = when
+            self._cond.notify_all()
+
+    def _due(self) -> list[str]:
+        now = time.monotonic()
+        due = [k for k, when in self._queued.items() if when <= now]
+        for k in due:
+            del self._queued[k]
+        # FULL first: it covers every other key, which then cost nothing new.
+        return sorted(due, key=lambda k: k != FULL)
+
+    def run_pending(self) -> None:
+        """Sync every key that is due, in this thread (the worker does this; so can a test)."""
+        with self._cond:
+            keys = self._due()
+        for key in keys:
+            self._sync_one(key)
+
+    def _sync_one(self, key: str) -> None:
+        try:
+            self.sync(key)
+        except Exception as exc:
+            failures = self._failures.get(key, 0) + 1
+            self._failures[key] = failures
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error_at = time.time()
+            delay = min(0.2 * 2 ** (failures - 1), 10.0)
+            log.warning("sync failed; trying again", extra={"controller": self.name, "key": key, "error": str(exc)})
+            self.enqueue(key, after=delay)
+            return
+        self.synced_keys += 1
+        if self._failures.pop(key, None) is not None and not self._failures:
+            self.last_error = ""
+
+    def start(self) -> None:
+        self._last_full = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"controller {self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                now = time.monotonic()
+                if self.resync and now - self._last_full >= self.resync:
+                    self._queued[FULL] = now
+                    self._last_full = now
+                nexts = [when for when in self._queued.values()]
+                if self.resync:
+                    nexts.append(self._last_full + self.resync)
+                wait = max(0.0, min(nexts) - now) if nexts else 1.0
+                if wait > 0:
+                    self._cond.wait(min(wait, 1.0))
+                    continue
+                keys = self._due()
+            for key in keys:
+                if self._stop.is_set():
+                    return
+                self._sync_one(key)
+
+
+def every(interval: float, stop: threading.Event, fn: Callable[[], None], name: str) -> threading.Thread:
+    """Run `fn` every `interval` seconds in a thread of its own until `stop` is set."""
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                fn()
+            except Exception:
+                log.exception("periodic work failed", extra={"work": name})
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread

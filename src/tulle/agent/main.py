@@ -1,0 +1,312 @@
+"""The node agent, wired: shared informers feed small controllers, each owning one part of the
+node (docs/design/agent.md). This module only builds and starts them.
+
+Start-up is built so that a restart changes nothing for running pods: endpoints are read back
+from disk and repaired, their addresses recorded in IPAM again and their WorkloadEndpoints
+published again before any new ADD is taken; routes, neighbours, FDB entries and the nftables
+table are reconciled (diffed), never flushed. The node's registration outlives the agent; only
+its heartbeat expires with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tulle.agent.api import ApiServer, serve
+from tulle.agent.cni_service import CniContext, CniService
+from tulle.agent.controller import FULL, Controller
+from tulle.agent.endpoint_controller import PUBLISH, EndpointController
+from tulle.agent.endpoints import EndpointRegistry
+from tulle.agent.informers import Informer
+from tulle.agent.ipam_controller import IpamController
+from tulle.agent.node import node_info
+from tulle.agent.node_controller import NodeController
+from tulle.agent.pending import PendingDeletes
+from tulle.agent.policy_controller import PolicyController
+from tulle.agent.routes_controller import RoutesController
+from tulle.agent.status import AgentStatus
+from tulle.dataplane import host
+from tulle.datastore.base import DEFAULT_PREFIX, Datastore, DatastoreError
+from tulle.datastore.factory import open_datastore
+from tulle.ipam.allocator import Block, IpamError, NodeAllocator
+from tulle.model.endpoints import WorkloadEndpoint
+from tulle.model.kinds import IP_POOL, IPAM_BLOCK, NAMESPACE, NETWORK_POLICY, NODE, POD, WORKLOAD_ENDPOINT
+from tulle.model.pools import Pool, parse_pool
+from tulle.policy.inputs import Namespace, PodSource, PolicySource, decode_pod, decode_policy, parse_namespace
+from tulle.routing.compile import MODES, LocalNode, NodeInfo, VxlanEndpoint, pod_mtu, vxlan_mac
+
+log = logging.getLogger("tulle.agent")
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    datastore: str
+    mode: str = "vxlan"
+    prefix: str = DEFAULT_PREFIX
+    state_dir: str = "/var/lib/tulle"
+    socket: str = "/run/tulle/agent.sock"
+    interface: str | None = None  # the underlay; default: the interface of the default route
+    lease_ttl: int = 15  # the heartbeat's: how long a silent agent still counts as alive
+    node_grace: float = 60.0  # how long a removed node's endpoints and blocks stay
+    resync_interval: float = 30.0
+    mtu: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterInformers:
+    """One informer per kind, each object decoded once into what its readers use."""
+
+    namespaces: Informer[Namespace]
+    pods: Informer[PodSource]
+    policies: Informer[PolicySource]
+    endpoints: Informer[WorkloadEndpoint]
+    nodes: Informer[NodeInfo]
+    blocks: Informer[Block]
+    pools: Informer[Pool]
+
+    @classmethod
+    def make(cls, datastore: Datastore) -> ClusterInformers:
+        out = cls(
+            namespaces=Informer(datastore, NAMESPACE, parse_namespace),
+            pods=Informer(datastore, POD, decode_pod),
+            policies=Informer(datastore, NETWORK_POLICY, decode_policy),
+            endpoints=Informer(datastore, WORKLOAD_ENDPOINT, WorkloadEndpoint.from_object),
+            nodes=Informer(datastore, NODE, node_info),
+            blocks=Informer(datastore, IPAM_BLOCK, Block.from_object),
+            pools=Informer(datastore, IP_POOL, parse_pool),
+        )
+        out.endpoints.add_index("node", lambda w: [w.node])
+        out.endpoints.add_index("address", lambda w: list(w.ips))
+        out.blocks.add_index("node", lambda b: [b.node])
+        return out
+
+    def all(self) -> list[Informer[Any]]:
+        return [self.namespaces, self.pods, self.policies, self.endpoints, self.nodes, self.blocks, self.pools]
+
+
+def limit_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own malloc arena and never shrinks them; the
+    agent's short-lived threads (one per CNI request, one per namespace visit) would grow RSS
+    with every pod. Two arenas are plenty for a control plane."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except OSError:
+        pass
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        if config.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}")
+        self.config = config
+        self.datastore = open_datastore(config.datastore, config.prefix)
+        self.registry = EndpointRegistry(config.state_dir)
+        self.pending = PendingDeletes(config.state_dir)
+        self.informers = ClusterInformers.make(self.datastore)
+        self.allocator = NodeAllocator(self.datastore, config.node, lambda: self.ipam.pools)
+        self.stop_event = threading.Event()
+        self.pod_mtu = 1500
+        self.controllers: list[Controller] = []
+        self._server: ApiServer | None = None
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def _build(self, underlay: host.Underlay) -> None:
+        cfg, inf = self.config, self.informers
+        resync = cfg.resync_interval
+        self.underlay = underlay
+        self.ipam = IpamController(
+            self.datastore,
+            cfg.node,
+            self.allocator,
+            self.registry,
+            inf.pools,
+            inf.nodes,
+            inf.blocks,
+            tunnel_families=lambda: (
+                [] if cfg.mode == "host-gw" else [f for f in self.ipam.families() if underlay.address(f)]
+            ),
+            on_tunnels=self._tunnels_changed,
+            node_grace=cfg.node_grace,
+            resync=resync,
+        )
+        self.node = NodeController(
+            self.datastore, cfg.node, cfg.mode, underlay, self.vxlan_endpoints, inf.nodes, cfg.lease_ttl, resync
+        )
+        local = LocalNode(name=cfg.node, mode=cfg.mode, underlay=underlay.addresses)
+        self.routes = RoutesController(local, underlay, inf.nodes, inf.blocks, lambda: self.ipam.tunnels, resync=resync)
+        self.policy = PolicyController(
+            cfg.node,
+            cfg.mode,
+            self.registry,
+            inf.namespaces,
+            inf.pods,
+            inf.policies,
+            inf.endpoints,
+            inf.pools,
+            lambda: self.ipam.pools,
+            resync=resync,
+        )
+        self.cni = CniService(
+            CniContext(
+                node=cfg.node,
+                datastore=self.datastore,
+                registry=self.registry,
+                allocator=self.allocator,
+                pending=self.pending,
+                families=self.ipam.families,
+                pod_mtu=lambda: self.pod_mtu,
+                address_holders=lambda address: inf.endpoints.by_index("address", address),
+                sync_policy=self.policy.sync_now,
+                endpoints_changed=self._endpoint_changed,
+                readiness_problems=lambda: self.status.readiness_problems(),
+                remove_stray_interfaces=lambda: self.endpoints.remove_stray_interfaces(),
+            )
+        )
+        self.endpoints = EndpointController(
+            self.datastore, cfg.node, self.registry, self.pending, self.cni, inf.endpoints, resync
+        )
+        self.status = AgentStatus(
+            node=cfg.node,
+            mode=cfg.mode,
+            datastore=self.datastore,
+            registry=self.registry,
+            underlay=lambda: list(underlay.addresses),
+            families=self.ipam.families,
+            mtu=lambda: self.pod_mtu,
+            problem_sources=[self.ipam.problems, self.node.problems],
+            reconcilers=[self.routes, self.policy],
+            drops=self.policy.drops,
+            last_reconcile=lambda: self.routes.last_full,
+        )
+        self.controllers = [self.ipam, self.node, self.routes, self.policy, self.endpoints]
+
+    def vxlan_endpoints(self) -> list[VxlanEndpoint]:
+        return [
+            VxlanEndpoint(family=f, mac=vxlan_mac(self.config.node, f), tunnel_address=a)
+            for f, a in sorted(self.ipam.tunnels.items())
+        ]
+
+    def _tunnels_changed(self, _tunnels: dict[int, str]) -> None:
+        self.node.enqueue(FULL)
+        self.routes.enqueue(FULL)
+
+    def _endpoint_changed(self, _handle: str) -> None:
+        self.policy.inputs_changed()
+        self.endpoints.enqueue(PUBLISH)
+
+    # -- start and stop --------------------------------------------------------------------
+
+    def _until_done(self, what: str, step: Callable[[], None]) -> bool:
+        """Run a start-up step until the datastore lets it finish (or the agent stops)."""
+        delay = 0.2
+        while not self.stop_event.is_set():
+            try:
+                step()
+                return True
+            except DatastoreError as exc:
+                self.status.note_error(f"{what}: {exc}")
+                log.warning("waiting for the datastore", extra={"step": what, "error": str(exc)})
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, 5.0)
+        return False
+
+    def _wait_for_pools(self) -> None:
+        while not self.stop_event.is_set():
+            if self.informers.pools.synced and self.ipam.load_pools():
+                return
+            if self.informers.pools.synced:
+                log.warning("no IPPool exists yet; create one (tulle apply -f pool.yaml)")
+            self.stop_event.wait(1.0)
+
+    def _recover(self) -> None:
+        """Everything that must hold before the agent takes an ADD: endpoints rolled back or
+        repaired, DELs that waited carried out, running pods' addresses in IPAM, the node's
+        blocks, registration and heartbeat, and every endpoint published."""
+        self.endpoints.recover(startup=True)
+        self.pending.replay(self.cni.delete_now)
+        self.ipam.reclaim()
+        self.ipam.collect_leaks()
+        self.endpoints.remove_stray_interfaces()
+        self.ipam.claim_blocks()
+        self.node.register()
+        self.node.start_heartbeat(self.stop_event)
+        self.endpoints.sync_published()
+
+    def _first_reconcile(self) -> None:
+        self.routes.sync_all()
+        self.policy.sync(FULL)
+
+    def start(self) -> None:
+        cfg = self.config
+        limit_malloc_arenas()
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        host.enable_forwarding()
+        self._build(host.detect_underlay(cfg.interface))
+        for informer in self.informers.all():
+            informer.start()
+        while not all(i.wait_synced(5) for i in self.informers.all()):
+            if self.stop_event.is_set():
+                return
+            log.warning("waiting for the datastore", extra={"url": self.datastore.url})
+        self._wait_for_pools()
+        self.pod_mtu = cfg.mtu or pod_mtu(cfg.mode, self.underlay.mtu, self.ipam.families())
+        log.info(
+            "starting",
+            extra={"node": cfg.node, "mode": cfg.mode, "families": self.ipam.families(), "mtu": self.pod_mtu},
+        )
+        if not self._until_done("recovering endpoints", self._recover):
+            return
+        self._until_done("first reconcile", self._first_reconcile)
+        for controller in self.controllers:
+            controller.start()
+        threading.Thread(target=self.policy.cutter.run, args=(self.stop_event,), name="conntrack", daemon=True).start()
+        self.endpoints.watch_pending(self.stop_event)
+        self._server = serve(cfg.socket, self.dispatch)
+
+    def stop(self) -> None:
+        """Stop serving; leave every pod, route and rule in place for the next start."""
+        self.stop_event.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for controller in self.controllers:
+            controller.stop()
+        for informer in self.informers.all():
+            informer.stop()
+
+    def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("command") == "AGENT_STATUS":
+            return {"result": self.status.describe()}
+        return self.cni.handle(request)
+
+
+def run_agent(config: AgentConfig) -> None:
+    agent = Agent(config)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("stopping", extra={"signal": signum})
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start()
+    except (IpamError, RuntimeError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        raise SystemExit(1)
+    while not agent.stop_event.wait(1.0):
+        pass
+    agent.stop()
+
+
+__all__ = ["Agent", "AgentConfig", "run_agent"]

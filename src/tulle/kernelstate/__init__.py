@@ -1,0 +1,1 @@
+"""Kernel state as plain, frozen data: what compilers produce and reconcilers apply (no I/O)."""
