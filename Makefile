@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CNI_BIN := bin/cni/tulle
 STAMPS := .make
 
-.PHONY: all deps venv cni demo test unit lint bench chaos clean
+.PHONY: all deps venv cni demo test unit doctest lint bench chaos clean
 
 all: cni
 
@@ -39,7 +39,11 @@ lint: venv
 unit: venv cni
 	$(PY) -m pytest -q tests/unit
 
-test: deps venv cni lint
+# The examples in docstrings run as written (those that need root, a lab or a datastore say +SKIP).
+doctest: venv
+	$(PY) -m pytest -q --doctest-modules src/tulle
+
+test: deps venv cni lint doctest
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # A long chaos round (tests/e2e/test_chaos.py); `make test` runs a bounded one.

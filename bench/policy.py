@@ -18,88 +18,19 @@ from typing import Any
 
 from tulle.dataplane.netns import run_in_netns
 from tulle.dataplane.nft import NftReconciler
-from tulle.datastore.base import PutOp
+from tulle.datastore.base import AtomicWriter, Datastore
 from tulle.lab import topology
 from tulle.lab.cluster import Lab
 from tulle.lab.state import load
-from tulle.model.kinds import NETWORK_POLICY, POD
-from tulle.model.store import APPLY_BATCH, ResourceStore
-from tulle.model.validation import admit_all
+from tulle.model.kinds import NETWORK_POLICY
 from tulle.policy.compiler import compile_policies
 from tulle.policy.datapath import policy_table
 from tulle.policy.inputs import inputs_from_objects
 
 from .common import bench_name, iperf3_gbits, median, sockperf_rr, table, verdict
+from .policyset import PODS, POLICIES, synthetic_objects, write_objects
 
-POLICIES = 1000
-PODS = 5000
-NAMESPACES = 50
-
-
-def synthetic_objects() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """50 namespaces, 5,000 pods with addresses (outside the pools) and 1,000 policies.
-
-    Policy i selects the 5 pods labelled app=svc-i in its namespace and admits, on TCP 80-81 and
-    a named port, pods labelled tier=front from namespaces labelled team=t<i % 10>; every tenth
-    policy also admits an ipBlock with an except.
-    """
-    namespaces = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"ns{n}", "labels": {"team": f"t{n % 10}"}}}
-        for n in range(NAMESPACES)
-    ]
-    pods = []
-    for i in range(PODS):
-        svc = i // 5
-        ns = f"ns{svc % NAMESPACES}"
-        pods.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": f"p{i}",
-                    "namespace": ns,
-                    "labels": {"app": f"svc-{svc}", "tier": "front" if i % 3 == 0 else "back"},
-                },
-                "spec": {
-                    "nodeName": f"virtual{i % 20}",
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "busybox",
-                            "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
-                        }
-                    ],
-                },
-                "status": {"phase": "Running", "podIPs": [{"ip": f"10.250.{i // 250}.{i % 250 + 1}"}]},
-            }
-        )
-    policies = []
-    for i in range(POLICIES):
-        peer: list[dict[str, Any]] = [
-            {
-                "namespaceSelector": {"matchLabels": {"team": f"t{i % 10}"}},
-                "podSelector": {"matchLabels": {"tier": "front"}},
-            }
-        ]
-        if i % 10 == 0:
-            peer.append({"ipBlock": {"cidr": "192.168.0.0/16", "except": [f"192.168.{i % 256}.0/24"]}})
-        policies.append(
-            {
-                "apiVersion": "networking.k8s.io/v1",
-                "kind": "NetworkPolicy",
-                "metadata": {"name": f"pol-{i}", "namespace": f"ns{i % NAMESPACES}"},
-                "spec": {
-                    "podSelector": {"matchLabels": {"app": f"svc-{i}"}},
-                    "ingress": [
-                        {
-                            "from": peer,
-                            "ports": [{"port": 80, "endPort": 81}, {"port": "http"}],
-                        }
-                    ],
-                },
-            }
-        )
-    return namespaces, pods, policies
+WRITE_BATCH = 40  # objects per atomic write (an etcd transaction takes at most 128 writes)
 
 
 def compile_and_apply_from_scratch() -> tuple[float, float, float, int]:
@@ -122,25 +53,14 @@ def compile_and_apply_from_scratch() -> tuple[float, float, float, int]:
         topology.del_netns(name)
 
 
-def _write(lab: Lab, objects: list[dict[str, Any]]) -> None:
-    """As `tulle apply` writes: admission of the whole, then atomic batches."""
-    lab.with_store(load(lab.name), lambda store: store.apply_many(objects, admit=admit_all))
-
-
 def _write_with_status(lab: Lab, pods: list[dict[str, Any]]) -> None:
-    """Pods as the kubelet leaves them: with status.podIPs (which `apply` would drop)."""
-    for i in range(0, len(pods), APPLY_BATCH):
-        chunk = pods[i : i + APPLY_BATCH]
+    """Pods as the kubelet leaves them: with status.podIPs (written as they are, unadmitted)."""
+    for i in range(0, len(pods), WRITE_BATCH):
+        chunk = pods[i : i + WRITE_BATCH]
 
-        def put(store: ResourceStore, chunk: list[dict[str, Any]] = chunk) -> None:
-            ops = [
-                PutOp(
-                    store.key(POD, p["metadata"]["name"], p["metadata"]["namespace"]),
-                    json.dumps(p, sort_keys=True).encode(),
-                )
-                for p in chunk
-            ]
-            store.datastore.commit(ops)
+        def put(store: Datastore, chunk: list[dict[str, Any]] = chunk) -> None:
+            assert isinstance(store, AtomicWriter), store.url
+            store.apply_many(chunk)
 
         lab.with_store(load(lab.name), put)
 
@@ -182,11 +102,11 @@ def throughput_with_policies(seconds: int) -> list[list[str]]:
         # the measured pods' namespaces exist already (the lab made them); give them the labels
         namespaces = [n for n in namespaces if n["metadata"]["name"] not in ("ns0", "ns1")]
         started = time.monotonic()
-        _write(lab, namespaces)
+        write_objects(lab, namespaces)
         _write_with_status(lab, pods_)
         for ns, team in (("ns0", "t0"), ("ns1", "t1")):
             obj = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"team": team}}}
-            _write(lab, [obj])
+            write_objects(lab, [obj])
         # policy 0 selects the server (app=svc-0 in ns0) and admits tier=front from team=t0;
         # admit the client's namespace too, with the server's ports, so traffic stays allowed
         policies[0]["spec"]["ingress"][0]["from"].append(
@@ -194,7 +114,7 @@ def throughput_with_policies(seconds: int) -> list[list[str]]:
         )
         policies[0]["spec"]["ingress"][0]["ports"].append({"port": 5201, "endPort": 5202})
         policies[0]["spec"]["ingress"][0]["ports"].append({"port": 11111})
-        _write(lab, policies)
+        write_objects(lab, policies)
         node2 = lab.names.node("node2")
         deadline = time.monotonic() + 300
         while _nft_elements(node2, "ingress_peer_ports_v4") <= 0 and time.monotonic() < deadline:
@@ -244,7 +164,7 @@ def apply_to_enforcement(rounds: int = 5) -> list[float]:
                     "spec": {"podSelector": {"matchLabels": {"role": "server"}}, "policyTypes": ["Ingress"]},
                 }
                 started = time.monotonic()
-                _write(lab, [deny])
+                write_objects(lab, [deny])
                 pending = {ip for _, ip in servers}
                 while pending and time.monotonic() - started < 10:
                     pending = {ip for ip in pending if _connects(client, ip)}

@@ -14,18 +14,26 @@ from kernel parts alone (static routes, a static VXLAN; no agent, no nftables): 
 it is Tulle's own cost, and its ratio against the veth pair is what the machine allows for that
 shape before any CNI adds anything.
 
+Beside throughput, each iperf3 run's CPU cost is taken from the kernel's per-CPU counters
+(/proc/stat: system + softirq, summed over both CPUs, over the client's run) and divided by the
+bytes moved: CPU seconds per GB, with each Tulle path's ratio to its kernel-only counterpart in
+the same round. The figure stays put where throughput does not: a VM that is given less of the
+host moves fewer bytes but spends about as much of its own CPU on each (the time it was not
+given shows as steal, reported beside). `python -m bench cpu` runs only this part.
+
 Targets: host-gw >= 0.95 of the direct veth's throughput, VXLAN >= 0.85.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 
 from tulle.lab.cluster import Lab
 from tulle.lab.state import load
 
 from .baseline import direct_veth_pair, kernel_only_path
-from .common import bench_name, iperf3_gbits, median, sockperf_rr, table, verdict
+from .common import Iperf3Run, bench_name, iperf3_run, kernel_cpu, median, sockperf_rr, table, verdict
 
 TARGETS = {"host-gw": 0.95, "vxlan": 0.85, "hybrid (direct pair)": 0.95, "hybrid (vxlan pair)": 0.85}
 BASELINE = "direct veth (baseline)"
@@ -56,6 +64,93 @@ def _lab_paths(lab: Lab, mode: str) -> dict[str, tuple[str, str, str]]:
     return {mode: path("server2")}
 
 
+def build_paths(stack: ExitStack) -> dict[str, tuple[str, str, str]]:
+    """Every measured path, label -> (client netns path, server netns path, server address): the
+    direct veth pair, the two kernel-only paths and the labs of all three modes, all up at once
+    and removed when `stack` closes."""
+    paths: dict[str, tuple[str, str, str]] = {
+        BASELINE: stack.enter_context(direct_veth_pair()),
+        KERNEL_ROUTED: stack.enter_context(kernel_only_path(vxlan=False)),
+        KERNEL_VXLAN: stack.enter_context(kernel_only_path(vxlan=True)),
+    }
+    for mode in ("host-gw", "vxlan", "hybrid"):
+        lab = Lab(bench_name(mode[:2]))
+        stack.callback(lab.down)
+        paths.update(_lab_paths(lab, mode))
+    return paths
+
+
+class CpuPerGb:
+    """CPU seconds per GB moved, by path and round: system + softirq of all CPUs (/proc/stat), and
+    the kernel time of the iperf3 processes and ksoftirqd alone; and the machine-wide counters
+    over a stretch with no traffic once a round (what the rest of the machine costs)."""
+
+    def __init__(self) -> None:
+        self.per_gb: dict[str, list[float]] = {}
+        self.attributed: dict[str, list[float]] = {}
+        self.gb: dict[str, list[float]] = {}
+        self.steal: dict[str, list[float]] = {}  # share of the run's CPU time the host took back
+        self.guest: dict[str, list[float]] = {}
+        self.background: list[float] = []  # system + softirq CPU seconds per second, no traffic
+
+    def add(self, label: str, r: Iperf3Run) -> None:
+        gb = r.bytes_moved / 1e9
+        self.gb.setdefault(label, []).append(gb)
+        self.per_gb.setdefault(label, []).append((r.cpu["system"] + r.cpu["softirq"]) / gb)
+        self.attributed.setdefault(label, []).append(r.attributed_system / gb)
+        total = sum(r.cpu.values()) - r.cpu["guest"] - r.cpu["guest_nice"]  # guest is inside user
+        self.steal.setdefault(label, []).append(r.cpu["steal"] / total if total else 0.0)
+        self.guest.setdefault(label, []).append(r.cpu["guest"] / total if total else 0.0)
+
+    def idle_window(self, seconds: float) -> None:
+        before, t0 = kernel_cpu(), time.monotonic()
+        time.sleep(seconds)
+        cpu, elapsed = kernel_cpu().since(before), time.monotonic() - t0
+        self.background.append((cpu["system"] + cpu["softirq"]) / elapsed)
+
+    def print_table(self, seconds: int, rounds: int) -> None:
+        rows = []
+        for label, values in self.per_gb.items():
+            same_shape = SAME_SHAPE.get(label)
+            own = self.attributed[label]
+            rows.append(
+                [
+                    label,
+                    f"{median(self.gb[label]):.1f}",
+                    f"{median(values):.3f} ({min(values):.3f}-{max(values):.3f})",
+                    _median_and_range(_ratios(self.per_gb, label, BASELINE)) if label != BASELINE else "",
+                    _median_and_range(_ratios(self.per_gb, label, same_shape)) if same_shape else "",
+                    f"{median(own):.3f} ({min(own):.3f}-{max(own):.3f})",
+                    _median_and_range(_ratios(self.attributed, label, same_shape)) if same_shape else "",
+                    f"{median(self.steal[label]) * 100:.1f} / {median(self.guest[label]) * 100:.1f}",
+                ]
+            )
+        table(
+            f"CPU per GB moved (the same {rounds} interleaved rounds of iperf3, {seconds} s each), lower is better. "
+            "'all CPUs': system + softirq seconds from /proc/stat, summed over both CPUs, over each client run; "
+            "'iperf3+ksoftirqd': the kernel time (stime) of the two iperf3 processes, which takes in the softirq "
+            "work run in their context, and of the ksoftirqd threads. The iperf3 processes' own user time is "
+            "excluded from both. Per 10^9 bytes received (iperf3's sum_received plus its omitted first second). "
+            "Median, range over the rounds, ratios taken within each round",
+            [
+                "path",
+                "GB/run",
+                "all CPUs s/GB",
+                "vs veth",
+                "vs kernel only",
+                "iperf3+ksoftirqd s/GB",
+                "vs kernel only",
+                "steal / guest %",
+            ],
+            rows,
+        )
+        print(
+            f"  no traffic (rest of the machine): {median(self.background) * 1000:.0f} ms of system + softirq per s "
+            f"(range {min(self.background) * 1000:.0f}-{max(self.background) * 1000:.0f}) over both CPUs; "
+            "'all CPUs' takes in whatever else runs on the machine, 'iperf3+ksoftirqd' does not"
+        )
+
+
 def _ratios(values: dict[str, list[float]], label: str, against: str) -> list[float]:
     return [v / b for v, b in zip(values[label], values[against], strict=True)]
 
@@ -64,23 +159,19 @@ def _median_and_range(ratios: list[float]) -> str:
     return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def main(seconds: int = 5) -> None:
+def main(seconds: int = 5, rounds: int = ROUNDS) -> None:
     gbits: dict[str, list[float]] = {}
     p50: dict[str, list[float]] = {}
     p99: dict[str, list[float]] = {}
+    cpu = CpuPerGb()
     with ExitStack() as stack:
-        paths: dict[str, tuple[str, str, str]] = {
-            BASELINE: stack.enter_context(direct_veth_pair()),
-            KERNEL_ROUTED: stack.enter_context(kernel_only_path(vxlan=False)),
-            KERNEL_VXLAN: stack.enter_context(kernel_only_path(vxlan=True)),
-        }
-        for mode in ("host-gw", "vxlan", "hybrid"):
-            lab = Lab(bench_name(mode[:2]))
-            stack.callback(lab.down)
-            paths.update(_lab_paths(lab, mode))
-        for _ in range(ROUNDS):
+        paths = build_paths(stack)
+        for _ in range(rounds):
+            cpu.idle_window(seconds)
             for label, (client, server, address) in paths.items():
-                gbits.setdefault(label, []).append(iperf3_gbits(client, server, address, seconds))
+                run = iperf3_run(client, server, address, seconds)
+                gbits.setdefault(label, []).append(run.gbits)
+                cpu.add(label, run)
                 lat = sockperf_rr(client, server, address, seconds)
                 p50.setdefault(label, []).append(lat.p50)
                 p99.setdefault(label, []).append(lat.p99)
@@ -103,9 +194,10 @@ def main(seconds: int = 5) -> None:
             ]
         )
     table(
-        f"Pod to pod across nodes, IPv4; iperf3 and sockperf {seconds} s each, {ROUNDS} interleaved rounds: medians, "
+        f"Pod to pod across nodes, IPv4; iperf3 and sockperf {seconds} s each, {rounds} interleaved rounds: medians, "
         "ratios taken within each round (range over the rounds) against the direct veth pair, and ('vs kernel') "
         "against the same shape built from kernel parts alone",
         ["path", "Gbit/s", "ratio", "target", "vs kernel", "RR p50 µs", "RR p99 µs", "p50 ratio", "p99 ratio"],
         rows,
     )
+    cpu.print_table(seconds, rounds)

@@ -170,7 +170,28 @@ def check_invariants(lab: Lab) -> list[str]:
             by_address.setdefault(ip, []).append(pod["pod"])
     problems += [f"{ip} is held by pods {', '.join(who)}" for ip, who in by_address.items() if len(who) > 1]
     weps, allocations = _datastore_view(lab)
+    endpoint_of, endpoint_problems = _endpoints_against_ipam(weps, allocations)
+    problems += endpoint_problems
+    problems += [
+        f"{ip} is held in IPAM by {handle}, which no endpoint has (a leak)"
+        for ip, handle in allocations.items()
+        if not handle.startswith("tulle-tunnel/") and ip not in endpoint_of
+    ]
+    problems += [
+        f"pod {who[0]} at {ip} has no endpoint in the datastore ({endpoint_of.get(ip)})"
+        for ip, who in by_address.items()
+        if endpoint_of.get(ip) != who[0]
+    ]
+    return problems + _unreachable_pairs(pods)
+
+
+def _endpoints_against_ipam(
+    weps: list[dict[str, Any]], allocations: dict[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """(address -> namespace/pod of its endpoint, problems): an address in two endpoints, or held
+    in IPAM by another handle than its endpoint's."""
     endpoint_of: dict[str, str] = {}
+    problems: list[str] = []
     for wep in weps:
         spec = wep["spec"]
         who = f"{wep['metadata']['namespace']}/{spec['pod']}"
@@ -181,19 +202,21 @@ def check_invariants(lab: Lab) -> list[str]:
             endpoint_of[ip] = who
             if allocations.get(ip) != handle:
                 problems.append(f"{ip} of {who} is held in IPAM by {allocations.get(ip)}, not by its endpoint")
-    for ip, handle in allocations.items():
-        if not handle.startswith("tulle-tunnel/") and ip not in endpoint_of:
-            problems.append(f"{ip} is held in IPAM by {handle}, which no endpoint has (a leak)")
-    for ip, who in by_address.items():
-        if endpoint_of.get(ip) != who[0]:
-            problems.append(f"pod {who[0]} at {ip} has no endpoint in the datastore ({endpoint_of.get(ip)})")
+    return endpoint_of, problems
+
+
+def _unreachable_pairs(pods: list[dict[str, Any]]) -> list[str]:
+    """Every pod pings every other pod's every address."""
+    problems: list[str] = []
     for src in pods:
         for dst in pods:
             if src is dst:
                 continue
-            for ip in dst["ips"]:
-                if not ping(src["netns"], ip, count=2):
-                    problems.append(f"{src['pod']} cannot reach {dst['pod']} at {ip}")
+            problems += [
+                f"{src['pod']} cannot reach {dst['pod']} at {ip}"
+                for ip in dst["ips"]
+                if not ping(src["netns"], ip, count=2)
+            ]
     return problems
 
 

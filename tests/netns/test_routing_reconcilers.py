@@ -8,17 +8,21 @@ veth pair whose far end stays inside the same namespace.
 from __future__ import annotations
 
 import secrets
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from tulle.dataplane.netlink import IPRoute
 from tulle.dataplane.netns import run_in_netns
 from tulle.dataplane.routing import (
     Diff,
+    EntryChange,
     FdbReconciler,
     NeighbourReconciler,
+    NodeChangeWriter,
     RouteReconciler,
     VxlanDeviceReconciler,
     VxlanPlan,
@@ -124,3 +128,40 @@ def test_a_device_with_another_identity_is_recreated_and_removal_is_idempotent(
     assert not inside(lambda: VxlanDeviceReconciler().apply(moved))
     assert inside(lambda: VxlanDeviceReconciler().remove(DEV4.name)) is True
     assert inside(lambda: VxlanDeviceReconciler().remove(DEV4.name)) is False
+
+
+def test_one_nodes_change_written_as_a_batch_reads_back_as_the_full_reconcile_wants(inside: Inside) -> None:
+    """The per-node writer and the full reconcilers agree: after the writer adds a node's entries
+    a full reconcile of the same desired state changes nothing, and after it removes them nothing
+    of that node is left; a delete of a route another node took over leaves that route alone."""
+    remote = (
+        {r for r in ROUTES if not r.blackhole},
+        NEIGHBOURS,
+        FDB,
+    )
+
+    def scenario() -> tuple[Any, ...]:
+        VxlanDeviceReconciler().apply(DEV4)
+        VxlanDeviceReconciler().apply(DEV6)
+        writer = NodeChangeWriter()
+        routes, neighbours, fdb = remote
+        writer.write(EntryChange(tuple(sorted(routes)), (), tuple(sorted(neighbours)), (), tuple(sorted(fdb)), ()))
+        again = (
+            RouteReconciler().apply(set(routes)),
+            NeighbourReconciler().apply(set(neighbours), DEVICES),
+            FdbReconciler().apply(set(fdb), DEVICES),
+        )
+        taken_over = Route("10.244.1.0/26", gateway="172.30.1.9")  # the block moved to another node
+        writer.write(EntryChange(routes_add=(taken_over,)))
+        writer.write(EntryChange((), tuple(sorted(routes)), (), tuple(sorted(neighbours)), (), tuple(sorted(fdb))))
+        with IPRoute() as ipr:
+            left_routes = RouteReconciler.read(ipr)
+            devices = {dev: socket.if_nametoindex(dev) for dev in DEVICES}
+            left_neighbours = {n for dev, i in devices.items() for n in NeighbourReconciler().read(ipr, dev, i)}
+            left_fdb = {f for dev, i in devices.items() for f in FdbReconciler().read(ipr, dev, i)}
+        return again, left_routes, left_neighbours, left_fdb
+
+    again, left_routes, left_neighbours, left_fdb = inside(scenario)
+    assert not any(again), again
+    assert left_routes == {Route("10.244.1.0/26", gateway="172.30.1.9")}
+    assert left_neighbours == set() and left_fdb == set()

@@ -8,7 +8,15 @@ from collections.abc import Iterator
 import pytest
 
 from tulle.datastore.base import DatastoreError
-from tulle.datastore.etcd_client import MAX_TXN_OPS, DeleteOp, EtcdClient, PutOp, UnchangedOp
+from tulle.datastore.etcd_client import (
+    GRPC_NOT_FOUND,
+    MAX_TXN_OPS,
+    DeleteOp,
+    EtcdClient,
+    EtcdRefused,
+    PutOp,
+    UnchangedOp,
+)
 from tulle.lab.etcd_server import EtcdServer
 
 
@@ -49,3 +57,12 @@ def test_commit_refuses_what_etcd_would_refuse_with_a_bare_bad_request(datastore
     with pytest.raises(DatastoreError, match="at most 128"):
         datastore.commit([PutOp(f"{prefix}/k{i}", b"1") for i in range(MAX_TXN_OPS + 1)])
     assert datastore.list(f"{prefix}/")[0] == []
+
+
+def test_revoking_a_lease_that_is_gone_is_not_an_error(datastore: EtcdClient) -> None:
+    lease = datastore.grant_lease(60)
+    datastore.revoke_lease(lease)
+    datastore.revoke_lease(lease)  # etcd answers NotFound: revoked is what was asked for
+    with pytest.raises(EtcdRefused) as refused:
+        datastore._post("kv/lease/revoke", {"ID": lease})
+    assert (refused.value.http_status, refused.value.grpc_code) == (404, GRPC_NOT_FOUND)

@@ -148,3 +148,23 @@ def test_the_checker_sees_every_kind_of_import() -> None:
     assert violation(Import(PACKAGE / "cni" / "x.py", 1, "tulle.model.protocols")) is not None
     assert violation(Import(PACKAGE / "policy" / "x.py", 1, "tulle.routing.compile")) is None
     assert violation(Import(PACKAGE / "policy" / "x.py", 1, "tulle.dataplane.nft")) is not None
+
+
+# The datastore's backends: made only by its factory, so only datastore/ knows they exist.
+BACKENDS = frozenset({"tulle.datastore.etcd", "tulle.datastore.etcd_client", "tulle.datastore.memory"})
+
+
+def backend_imports() -> list[str]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if module_name(path).startswith("tulle.datastore"):
+            continue
+        for imp in imports(path):
+            if any(imp.module == b or imp.module.startswith(b + ".") for b in BACKENDS):
+                out.append(imp.where())
+    return out
+
+
+def test_nothing_outside_the_datastore_imports_a_backend() -> None:
+    found = backend_imports()
+    assert not found, "backends are made by tulle.datastore.factory only:\n" + "\n".join(found)

@@ -1011,70 +1011,80 @@ def clusters(draw: st.DrawFn) -> tuple[list[Obj], list[Obj], list[Obj], list[Obj
 
 def reference_allowed(inputs: PolicyInputs, src: str, dst: str, protocol: int, port: int | None) -> bool:
     """Kubernetes NetworkPolicy, evaluated directly on labels for one flow."""
-    by_address: dict[str, Any] = {}
-    for p in inputs.pods:
-        for a in p.addresses:
-            by_address.setdefault(a, p)
-    ns_labels = {ns.name: dict(ns.labels) for ns in inputs.namespaces}
-    family = ipaddress.ip_address(dst).version
+    flow = _ReferenceFlow(inputs, src, dst, protocol, port)
+    return flow.direction_allows(EGRESS) and flow.direction_allows(INGRESS)
 
-    def peer_ok(peer: Any, address: str, policy_ns: str) -> bool:
+
+class _ReferenceFlow:
+    """One flow judged the plain way: every policy, rule and peer looked at, no atoms."""
+
+    def __init__(self, inputs: PolicyInputs, src: str, dst: str, protocol: int, port: int | None) -> None:
+        self.inputs = inputs
+        self.src, self.dst, self.protocol, self.port = src, dst, protocol, port
+        self.family = ipaddress.ip_address(dst).version
+        self.by_address: dict[str, Any] = {}
+        for p in inputs.pods:
+            for a in p.addresses:
+                self.by_address.setdefault(a, p)
+        self.ns_labels = {ns.name: dict(ns.labels) for ns in inputs.namespaces}
+
+    def direction_allows(self, direction: str) -> bool:
+        me = self.by_address.get(self.dst if direction == INGRESS else self.src)
+        if me is None:
+            return True  # not a pod: nothing isolates it
+        selecting = self.selecting(me, TYPE_INGRESS if direction == INGRESS else TYPE_EGRESS)
+        if not selecting:
+            return True
+        peer_address = self.src if direction == INGRESS else self.dst
+        return any(
+            self.rule_allows(rule, peer_address, pol.namespace)
+            for pol in selecting
+            for rule in (pol.ingress if direction == INGRESS else pol.egress)
+        )
+
+    def selecting(self, me: Any, policy_type: str) -> list[Any]:
+        return [
+            pol
+            for pol in self.inputs.policies
+            if policy_type in pol.types and pol.namespace == me.namespace and matches(pol.pod_selector, dict(me.labels))
+        ]
+
+    def rule_allows(self, rule: Any, peer_address: str, policy_ns: str) -> bool:
+        if rule.peers:
+            # An ipBlock of the other family says nothing about this flow.
+            peers = [p for p in rule.peers if not isinstance(p, CidrPeer) or p.family == self.family]
+            if not any(self.peer_holds(p, peer_address, policy_ns) for p in peers):
+                return False
+        return self.ports_allow(rule.ports, self.by_address.get(self.dst))
+
+    def peer_holds(self, peer: Any, address: str, policy_ns: str) -> bool:
         if isinstance(peer, CidrPeer):
             ip = ipaddress.ip_address(address)
             if ip.version != peer.family or ip not in ipaddress.ip_network(peer.cidr):
                 return False
             return not any(ip in ipaddress.ip_network(e) for e in peer.excepts)
         assert isinstance(peer, PodPeer)
-        other = by_address.get(address)
+        other = self.by_address.get(address)
         if other is None:
             return False
         if peer.namespace_selector is None:
             in_scope = other.namespace == policy_ns
         else:
-            in_scope = matches(peer.namespace_selector, ns_labels[other.namespace])
+            in_scope = matches(peer.namespace_selector, self.ns_labels[other.namespace])
         return in_scope and matches(peer.pod_selector, dict(other.labels))
 
-    def port_ok(entries: Any, dst_pod: Any) -> bool:
+    def ports_allow(self, entries: Any, dst_pod: Any) -> bool:
         if not entries:
             return True
-        if port is None or protocol not in (TCP, UDP, SCTP):
-            return False
-        for e in entries:
-            if e.protocol != protocol:
-                continue
-            if e.name:
-                named = dst_pod.named_ports if dst_pod is not None else ()
-                if any(n.name == e.name and n.protocol == protocol and n.port == port for n in named):
-                    return True
-            elif e.port is None or e.port <= port <= (e.end_port or e.port):
-                return True
-        return False
+        if self.port is None or self.protocol not in (TCP, UDP, SCTP):
+            return False  # a rule with ports never allows a protocol without them
+        return any(self.port_entry_allows(e, dst_pod, self.port) for e in entries if e.protocol == self.protocol)
 
-    def direction_ok(direction: str) -> bool:
-        me = by_address.get(dst if direction == INGRESS else src)
-        if me is None:
-            return True
-        policy_type = TYPE_INGRESS if direction == INGRESS else TYPE_EGRESS
-        selecting = [
-            pol
-            for pol in inputs.policies
-            if policy_type in pol.types and pol.namespace == me.namespace and matches(pol.pod_selector, dict(me.labels))
-        ]
-        if not selecting:
-            return True
-        peer_address = src if direction == INGRESS else dst
-        for pol in selecting:
-            for rule in pol.ingress if direction == INGRESS else pol.egress:
-                peers_ = (
-                    [p for p in rule.peers if not isinstance(p, CidrPeer) or p.family == family] if rule.peers else None
-                )
-                if peers_ is not None and not any(peer_ok(p, peer_address, pol.namespace) for p in peers_):
-                    continue
-                if port_ok(rule.ports, by_address.get(dst)):
-                    return True
-        return False
-
-    return direction_ok(EGRESS) and direction_ok(INGRESS)
+    def port_entry_allows(self, entry: Any, dst_pod: Any, port: int) -> bool:
+        if entry.name:
+            named = dst_pod.named_ports if dst_pod is not None else ()
+            return any(n.name == entry.name and n.protocol == self.protocol and n.port == port for n in named)
+        return bool(entry.port is None or entry.port <= port <= (entry.end_port or entry.port))
 
 
 EXTERNAL = ["192.0.2.9", "10.0.0.200", "10.0.0.4", "8.8.8.8", "fd00::200", "2001:db8::1"]

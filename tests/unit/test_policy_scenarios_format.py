@@ -446,12 +446,7 @@ def network_policy_problems(doc: Any) -> list[str]:
         return problems
     if (doc.get("apiVersion"), doc.get("kind")) != ("networking.k8s.io/v1", "NetworkPolicy"):
         problems.append("policy: not a networking.k8s.io/v1 NetworkPolicy")
-    meta = doc["metadata"]
-    if _keys(meta, {"name", "namespace"}, "metadata", problems, frozenset({"name", "namespace"})):
-        if meta.get("namespace") not in ("x", "y", "z"):
-            problems.append(f"metadata.namespace {meta.get('namespace')!r} is not x, y or z")
-        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", str(meta.get("name"))):
-            problems.append(f"metadata.name {meta.get('name')!r} is not a DNS label")
+    _metadata(doc["metadata"], problems)
     spec = doc["spec"]
     if not _keys(
         spec,
@@ -466,14 +461,26 @@ def network_policy_problems(doc: Any) -> list[str]:
         problems.append(f"spec.policyTypes {spec['policyTypes']!r}")
     for direction, peers_field in (("ingress", "from"), ("egress", "to")):
         for n, rule in enumerate(spec.get(direction) or []):
-            at = f"spec.{direction}[{n}]"
-            if not _keys(rule, {peers_field, "ports"}, at, problems):
-                continue
-            for m, peer in enumerate(rule.get(peers_field) or []):
-                _peer(peer, f"{at}.{peers_field}[{m}]", problems)
-            for m, port in enumerate(rule.get("ports") or []):
-                _port(port, f"{at}.ports[{m}]", problems)
+            _rule(rule, peers_field, f"spec.{direction}[{n}]", problems)
     return problems
+
+
+def _metadata(meta: Any, problems: list[str]) -> None:
+    if not _keys(meta, {"name", "namespace"}, "metadata", problems, frozenset({"name", "namespace"})):
+        return
+    if meta.get("namespace") not in ("x", "y", "z"):
+        problems.append(f"metadata.namespace {meta.get('namespace')!r} is not x, y or z")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", str(meta.get("name"))):
+        problems.append(f"metadata.name {meta.get('name')!r} is not a DNS label")
+
+
+def _rule(rule: Any, peers_field: str, where: str, problems: list[str]) -> None:
+    if not _keys(rule, {peers_field, "ports"}, where, problems):
+        return
+    for m, peer in enumerate(rule.get(peers_field) or []):
+        _peer(peer, f"{where}.{peers_field}[{m}]", problems)
+    for m, port in enumerate(rule.get("ports") or []):
+        _port(port, f"{where}.ports[{m}]", problems)
 
 
 def test_there_are_at_least_40_uniquely_named_scenarios() -> None:
@@ -511,6 +518,20 @@ def test_every_scenario_with_policies_expects_something_blocked(scenario: Scenar
 
 
 def _features(scenario: Scenario) -> set[str]:
+    """The parts of the NetworkPolicy API and of the suite's steps that a scenario exercises."""
+    found = _step_features(scenario)
+    docs = list(applied_policies(scenario, 4))
+    names = [(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs]
+    if len(set(names)) < len(names):
+        found.add("update-in-place")
+    if len(docs) > 1:
+        found.add("several-policies")
+    for doc in docs:
+        found |= _policy_features(doc["spec"])
+    return found
+
+
+def _step_features(scenario: Scenario) -> set[str]:
     found: set[str] = set()
     for step in scenario.steps:
         if isinstance(step, Label):
@@ -519,46 +540,52 @@ def _features(scenario: Scenario) -> set[str]:
             found.add("delete")
         if isinstance(step, Expect):
             found.add(f"probe-{step.protocol.lower()}-{step.port}")
-    docs = list(applied_policies(scenario, 4))
-    names = [(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs]
-    if len(set(names)) < len(names):
-        found.add("update-in-place")
-    if len(docs) > 1:
-        found.add("several-policies")
-    for doc in docs:
-        spec = doc["spec"]
-        found.add("policy-types-" + "-".join(spec.get("policyTypes", ["default"])).lower())
-        for e in spec["podSelector"].get("matchExpressions", []):
-            found.add(f"policy-selector-{e['operator']}")
-        if spec["podSelector"] == {}:
-            found.add("empty-policy-selector")
-        for direction, peers_field in (("ingress", "from"), ("egress", "to")):
-            if direction in spec and "policyTypes" in spec and direction.title() not in spec["policyTypes"]:
-                found.add(f"ignored-{direction}-rules")
-            for rule in spec.get(direction) or []:
-                if rule == {}:
-                    found.add(f"{direction}-allow-all-rule")
-                if rule.get(peers_field) == []:
-                    found.add(f"{direction}-empty-{peers_field}")
-                if rule.get("ports") == []:
-                    found.add(f"{direction}-empty-ports")
-                for peer in rule.get(peers_field) or []:
-                    found.add(f"{direction}-peer-" + "+".join(sorted(peer)))
-                    for kind in ("podSelector", "namespaceSelector"):
-                        for e in (peer.get(kind) or {}).get("matchExpressions", []):
-                            found.add(f"{kind}-{e['operator']}")
-                    block = peer.get("ipBlock") or {}
-                    if "except" in block:
-                        found.add(f"{direction}-ip-block-except")
-                    if block.get("cidr", "").endswith("/32"):
-                        found.add(f"{direction}-ip-block-single-pod")
-                for port in rule.get("ports") or []:
-                    protocol = port.get("protocol", "TCP")
-                    found.add(f"{direction}-protocol-{protocol}")
-                    if isinstance(port.get("port"), str):
-                        found.add(f"{direction}-named-port")
-                    if "endPort" in port:
-                        found.add("end-port")
+    return found
+
+
+def _policy_features(spec: dict[str, Any]) -> set[str]:
+    found = {"policy-types-" + "-".join(spec.get("policyTypes", ["default"])).lower()}
+    for e in spec["podSelector"].get("matchExpressions", []):
+        found.add(f"policy-selector-{e['operator']}")
+    if spec["podSelector"] == {}:
+        found.add("empty-policy-selector")
+    for direction, peers_field in (("ingress", "from"), ("egress", "to")):
+        if direction in spec and "policyTypes" in spec and direction.title() not in spec["policyTypes"]:
+            found.add(f"ignored-{direction}-rules")
+        for rule in spec.get(direction) or []:
+            found |= _rule_features(rule, direction, peers_field)
+    return found
+
+
+def _rule_features(rule: dict[str, Any], direction: str, peers_field: str) -> set[str]:
+    found: set[str] = set()
+    if rule == {}:
+        found.add(f"{direction}-allow-all-rule")
+    if rule.get(peers_field) == []:
+        found.add(f"{direction}-empty-{peers_field}")
+    if rule.get("ports") == []:
+        found.add(f"{direction}-empty-ports")
+    for peer in rule.get(peers_field) or []:
+        found |= _peer_features(peer, direction)
+    for port in rule.get("ports") or []:
+        found.add(f"{direction}-protocol-{port.get('protocol', 'TCP')}")
+        if isinstance(port.get("port"), str):
+            found.add(f"{direction}-named-port")
+        if "endPort" in port:
+            found.add("end-port")
+    return found
+
+
+def _peer_features(peer: dict[str, Any], direction: str) -> set[str]:
+    found = {f"{direction}-peer-" + "+".join(sorted(peer))}
+    for kind in ("podSelector", "namespaceSelector"):
+        for e in (peer.get(kind) or {}).get("matchExpressions", []):
+            found.add(f"{kind}-{e['operator']}")
+    block = peer.get("ipBlock") or {}
+    if "except" in block:
+        found.add(f"{direction}-ip-block-except")
+    if block.get("cidr", "").endswith("/32"):
+        found.add(f"{direction}-ip-block-single-pod")
     return found
 
 

@@ -206,11 +206,11 @@ class CniService:
             except BaseException as exc:
                 self.teardown_or_defer(ep)
                 if isinstance(exc, IpamError):
-                    raise CniError(spec.ERR_IPAM_EXHAUSTED, str(exc))
+                    raise CniError(spec.ERR_IPAM_EXHAUSTED, str(exc)) from exc
                 if isinstance(exc, NetnsGone):
-                    raise CniError(spec.ERR_INVALID_ENVIRONMENT, str(exc))
+                    raise CniError(spec.ERR_INVALID_ENVIRONMENT, str(exc)) from exc
                 if isinstance(exc, podnet.PodNetError):
-                    raise CniError(spec.ERR_IO_FAILURE, str(exc))
+                    raise CniError(spec.ERR_IO_FAILURE, str(exc)) from exc
                 raise
         ctx.endpoints_changed(handle)
         # Policy for the new pod is in place before the runtime starts its containers.

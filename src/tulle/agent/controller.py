@@ -1,9 +1,11 @@
 """The controller pattern: handlers enqueue keys, one worker syncs each key from current state.
 
 A burst of events for one key costs one sync (the queue is a set); a sync that fails is tried
-again with a growing delay; every `resync` seconds the controller enqueues FULL, its chance to
-compare with the kernel itself and heal drift or a missed event (client-go's work queue and
-resync period, kube-controller-manager's shape).
+again with a growing delay (client-go's work queue, kube-controller-manager's shape). Two
+periodic keys: every `resync` seconds FULL, a sync of everything from the informers' state
+that writes only what differs (cheap: no kernel reads), and every `verify` seconds VERIFY,
+which also reads what the kernel has and repairs drift (as Calico's Felix refreshes its
+routes and rules every 90 s): reading a node's tables costs in proportion to its pods.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-FULL = "*"  # the key of a full sync
+FULL = "*"  # the key of a full sync from the informers' state
+VERIFY = "*verify"  # the key of a full sync that also compares with the kernel
 
 
 class Controller:
@@ -29,15 +32,17 @@ class Controller:
     sync a
     """
 
-    def __init__(self, name: str, resync: float = 30.0) -> None:
+    def __init__(self, name: str, resync: float = 30.0, verify: float = 0.0) -> None:
         self.name = name
         self.resync = resync
+        self.verify = verify
         self._cond = threading.Condition()
         self._queued: dict[str, float] = {}  # key -> not before (time.monotonic())
         self._failures: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_full = 0.0
+        self._last_verify = 0.0
         self.last_error = ""
         self.last_error_at = 0.0
         self.synced_keys = 0  # syncs done: for tests and benchmarks of the work per event
@@ -58,8 +63,8 @@ class Controller:
         due = [k for k, when in self._queued.items() if when <= now]
         for k in due:
             del self._queued[k]
-        # FULL first: it covers every other key, which then cost nothing new.
-        return sorted(due, key=lambda k: k != FULL)
+        # VERIFY, then FULL first: they cover every other key, which then cost nothing new.
+        return sorted(due, key=lambda k: (k != VERIFY, k != FULL))
 
     def run_pending(self) -> None:
         """Sync every key that is due, in this thread (the worker does this; so can a test)."""
@@ -85,7 +90,7 @@ class Controller:
             self.last_error = ""
 
     def start(self) -> None:
-        self._last_full = time.monotonic()
+        self._last_full = self._last_verify = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"controller {self.name}", daemon=True)
         self._thread.start()
 
@@ -103,12 +108,17 @@ class Controller:
                 if self.resync and now - self._last_full >= self.resync:
                     self._queued[FULL] = now
                     self._last_full = now
+                if self.verify and now - self._last_verify >= self.verify:
+                    self._queued[VERIFY] = now
+                    self._last_verify = now
                 nexts = [when for when in self._queued.values()]
                 if self.resync:
                     nexts.append(self._last_full + self.resync)
-                wait = max(0.0, min(nexts) - now) if nexts else 1.0
-                if wait > 0:
-                    self._cond.wait(min(wait, 1.0))
+                if self.verify:
+                    nexts.append(self._last_verify + self.verify)
+                wait = max(0.0, min(nexts) - now) if nexts else None
+                if wait is None or wait > 0:
+                    self._cond.wait(wait)  # enqueue and stop notify: no need to wake to look
                     continue
                 keys = self._due()
             for key in keys:

@@ -12,7 +12,7 @@ import logging
 import threading
 
 from tulle.agent.cni_service import CniService, is_host_veth, pod_interface
-from tulle.agent.controller import FULL, Controller, every
+from tulle.agent.controller import FULL, VERIFY, Controller, every
 from tulle.agent.endpoints import Endpoint, EndpointRegistry
 from tulle.agent.informers import Informer
 from tulle.agent.pending import PendingDeletes
@@ -37,8 +37,9 @@ class EndpointController(Controller):
         cni: CniService,
         endpoints: Informer[WorkloadEndpoint],
         resync: float = 30.0,
+        verify: float = 90.0,
     ) -> None:
-        super().__init__("endpoints", resync)
+        super().__init__("endpoints", resync, verify)
         self.datastore = datastore
         self.node = node
         self.registry = registry
@@ -60,8 +61,9 @@ class EndpointController(Controller):
         if key == PENDING:
             self.pending.replay(self.cni.delete_now)
             return
-        if key == FULL:
-            self.recover(startup=False)
+        if key == VERIFY:
+            self.recover(startup=False)  # each pod's host side read back from the kernel
+        if key in (FULL, VERIFY):
             self.pending.replay(self.cni.delete_now)
         self.sync_published()
 

@@ -196,7 +196,8 @@ class Informer(Generic[T]):
                 self._watch = watch
                 backoff = 0.2
                 while not self._stop.is_set():
-                    event = watch.get(timeout=1.0)
+                    # A long wait: stop() cancels the watch, which ends this one at once.
+                    event = watch.get(timeout=30.0)
                     if event is not None:
                         self._apply(event.type, event.object)
             except WatchExpired as exc:

@@ -110,22 +110,25 @@ class IpamController(Controller):
         """A block per family and the tunnel addresses; a full pool is reported, not fatal: the
         node stays up, STATUS says why it is not ready, and it tries again on every resync."""
         errors = []
+        tunnel_families = self.tunnel_families()
         for family in self.families():
+            if family in tunnel_families:
+                continue  # the tunnel address claims the block, written with it in one go
             try:
                 self.allocator.ensure_block(family)
             except IpamError as exc:
                 errors.append(str(exc))
                 log.error("cannot claim a block", extra={"error": str(exc)})
-        if not errors:
-            try:
-                self._tunnel_addresses()
-            except IpamError as exc:
-                errors.append(str(exc))
+        try:
+            self._tunnel_addresses(tunnel_families)
+        except IpamError as exc:
+            errors.append(str(exc))
+            log.error("cannot claim a block", extra={"error": str(exc)})
         self.errors = errors
 
-    def _tunnel_addresses(self) -> None:
+    def _tunnel_addresses(self, families: list[int]) -> None:
         tunnels = {}
-        for family in self.tunnel_families():
+        for family in families:
             handle = f"{TUNNEL_HANDLE_PREFIX}{self.node}/v{family}"
             (address,) = self.allocator.allocate(handle, [family], {"node": self.node})
             tunnels[family] = str(address)
@@ -188,6 +191,6 @@ class IpamController(Controller):
                 self.datastore.delete(WORKLOAD_ENDPOINT, ep.name, ep.namespace)
         endpoints = [WorkloadEndpoint.from_object(o) for o in self.datastore.list(WORKLOAD_ENDPOINT)[0]]
         held = {ip for ep in endpoints for ip in ep.ips}
-        freed = release_node_blocks(self.datastore, node, held.__contains__)
+        freed = release_node_blocks(self.datastore, node, held)
         if freed:
             log.info("freed the blocks of a removed node", extra={"node": node, "blocks": freed})

@@ -21,7 +21,7 @@ from typing import Any
 
 from tulle.agent.api import ApiServer, serve
 from tulle.agent.cni_service import CniContext, CniService
-from tulle.agent.controller import FULL, Controller
+from tulle.agent.controller import FULL, VERIFY, Controller
 from tulle.agent.endpoint_controller import PUBLISH, EndpointController
 from tulle.agent.endpoints import EndpointRegistry
 from tulle.agent.informers import Informer
@@ -56,7 +56,8 @@ class AgentConfig:
     interface: str | None = None  # the underlay; default: the interface of the default route
     lease_ttl: int = 15  # the heartbeat's: how long a silent agent still counts as alive
     node_grace: float = 60.0  # how long a removed node's endpoints and blocks stay
-    resync_interval: float = 30.0
+    resync_interval: float = 30.0  # a full sync from the informers' state (no kernel reads)
+    verify_interval: float = 90.0  # a full sync that reads the kernel back and repairs drift
     mtu: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -143,7 +144,10 @@ class Agent:
             self.datastore, cfg.node, cfg.mode, underlay, self.vxlan_endpoints, inf.nodes, cfg.lease_ttl, resync
         )
         local = LocalNode(name=cfg.node, mode=cfg.mode, underlay=underlay.addresses)
-        self.routes = RoutesController(local, underlay, inf.nodes, inf.blocks, lambda: self.ipam.tunnels, resync=resync)
+        verify = cfg.verify_interval
+        self.routes = RoutesController(
+            local, underlay, inf.nodes, inf.blocks, lambda: self.ipam.tunnels, resync=resync, verify=verify
+        )
         self.policy = PolicyController(
             cfg.node,
             cfg.mode,
@@ -155,6 +159,7 @@ class Agent:
             inf.pools,
             lambda: self.ipam.pools,
             resync=resync,
+            verify=verify,
         )
         self.cni = CniService(
             CniContext(
@@ -173,7 +178,7 @@ class Agent:
             )
         )
         self.endpoints = EndpointController(
-            self.datastore, cfg.node, self.registry, self.pending, self.cni, inf.endpoints, resync
+            self.datastore, cfg.node, self.registry, self.pending, self.cni, inf.endpoints, resync, verify
         )
         self.status = AgentStatus(
             node=cfg.node,
@@ -244,7 +249,7 @@ class Agent:
 
     def _first_reconcile(self) -> None:
         self.routes.sync_all()
-        self.policy.sync(FULL)
+        self.policy.sync(VERIFY)
 
     def start(self) -> None:
         cfg = self.config
@@ -303,7 +308,7 @@ def run_agent(config: AgentConfig) -> None:
         agent.start()
     except (IpamError, RuntimeError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     while not agent.stop_event.wait(1.0):
         pass
     agent.stop()

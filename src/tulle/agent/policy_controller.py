@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tulle.agent.controller import FULL, Controller
+from tulle.agent.controller import VERIFY, Controller
 from tulle.agent.endpoints import EndpointRegistry
 from tulle.agent.informers import Informer
 from tulle.dataplane import conntrack, host
@@ -83,8 +83,9 @@ class PolicyController(Controller):
         nft: NftReconciler | None = None,
         cutter: ConnectionCutter | None = None,
         resync: float = 30.0,
+        verify: float = 90.0,
     ) -> None:
-        super().__init__("policy", resync)
+        super().__init__("policy", resync, verify)
         self.node = node
         self.mode = mode
         self.registry = registry
@@ -117,7 +118,7 @@ class PolicyController(Controller):
 
     def sync(self, key: str) -> None:
         with self._lock:
-            self._apply(verify=key == FULL)
+            self._apply(verify=key == VERIFY)
 
     def sync_now(self) -> None:
         """Bring the table up to date in the caller's thread; callers queued on the lock share

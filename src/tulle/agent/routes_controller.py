@@ -12,12 +12,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tulle.agent.controller import FULL, Controller
+from tulle.agent.controller import FULL, VERIFY, Controller
 from tulle.agent.informers import Informer
 from tulle.dataplane.host import Underlay
-from tulle.dataplane.routing import FdbReconciler, NeighbourReconciler, RouteReconciler, VxlanDeviceReconciler
+from tulle.dataplane.netlink import SharedNetlink
+from tulle.dataplane.routing import (
+    EntryChange,
+    FdbReconciler,
+    NeighbourReconciler,
+    NodeChangeWriter,
+    RouteReconciler,
+    VxlanDeviceReconciler,
+)
 from tulle.ipam.allocator import Block
 from tulle.kernelstate.net import VXLAN_OVERHEAD, FdbEntry, Neighbour, Route, VxlanDevice
 from tulle.routing.compile import (
@@ -37,10 +45,23 @@ log = logging.getLogger(__name__)
 class RoutingKernel:
     """The reconcilers the controller writes through (fakes in unit tests)."""
 
-    routes: RouteReconciler = field(default_factory=RouteReconciler)
-    neighbours: NeighbourReconciler = field(default_factory=NeighbourReconciler)
-    fdb: FdbReconciler = field(default_factory=FdbReconciler)
-    devices: VxlanDeviceReconciler = field(default_factory=VxlanDeviceReconciler)
+    routes: RouteReconciler
+    neighbours: NeighbourReconciler
+    fdb: FdbReconciler
+    devices: VxlanDeviceReconciler
+    changes: NodeChangeWriter  # one node's change, without reading the kernel's tables
+
+    @classmethod
+    def real(cls) -> RoutingKernel:
+        """The kernel's: the full reconcilers over one netlink socket, and the change writer."""
+        shared = SharedNetlink()
+        return cls(
+            RouteReconciler(shared),
+            NeighbourReconciler(shared),
+            FdbReconciler(shared),
+            VxlanDeviceReconciler(shared),
+            NodeChangeWriter(),
+        )
 
 
 @dataclass(frozen=True)
@@ -64,15 +85,17 @@ class RoutesController(Controller):
         tunnels: Callable[[], dict[int, str]],
         kernel: RoutingKernel | None = None,
         resync: float = 30.0,
+        verify: float = 90.0,
     ) -> None:
-        super().__init__("routes", resync)
+        super().__init__("routes", resync, verify)
         self.local = local
         self.underlay = underlay
         self.nodes = nodes
         self.blocks = blocks
         self.tunnels = tunnels
-        self.kernel = kernel or RoutingKernel()
+        self.kernel = kernel or RoutingKernel.real()
         self.applied: dict[str, NodeEntries] = {}  # per node (ours: the blackholes for our blocks)
+        self.owners: dict[str, str] = {}  # route destination (a block) -> the node whose entries hold it
         self.unreachable: list[str] = []
         self.last_full = 0.0
         nodes.add_handler(lambda key, _old, _new: self.enqueue(key))
@@ -115,23 +138,41 @@ class RoutesController(Controller):
     # -- syncs --------------------------------------------------------------------------------
 
     def sync(self, key: str) -> None:
-        if key == FULL:
+        if key == VERIFY:
             self.sync_all()
+        elif key == FULL:
+            self.sync_known()
         else:
             self.sync_node(key)
+
+    def sync_known(self) -> None:
+        """Every node from the informers' state against what was applied: only differences are
+        written, nothing is read from the kernel (the periodic VERIFY does that)."""
+        for node in sorted(
+            set(self.blocks.index_values("node")) | {n.name for n in self.nodes.values()} | set(self.applied)
+        ):
+            self.sync_node(node)
 
     def sync_node(self, node: str) -> None:
         desired = _entries(self.desired_for(node))
         before = self.applied.get(node, NodeEntries())
         if desired == before:
             return
-        wanted_elsewhere = {r.dst for other, e in self.applied.items() if other != node for r in e.routes}
-        gone_routes = [r for r in before.routes - desired.routes if r.dst not in wanted_elsewhere]
-        self.kernel.routes.change(add=sorted(desired.routes - before.routes), remove=sorted(gone_routes))
-        self.kernel.neighbours.change(
-            add=sorted(desired.neighbours - before.neighbours), remove=sorted(before.neighbours - desired.neighbours)
+        # A block that moved to another node keeps its route: the other node's entry replaced it.
+        gone = [r for r in before.routes - desired.routes if self.owners.get(r.dst) in (node, None)]
+        change = EntryChange(
+            routes_add=tuple(sorted(desired.routes - before.routes)),
+            routes_remove=tuple(sorted(gone)),
+            neighbours_add=tuple(sorted(desired.neighbours - before.neighbours)),
+            neighbours_remove=tuple(sorted(before.neighbours - desired.neighbours)),
+            fdb_add=tuple(sorted(desired.fdb - before.fdb)),
+            fdb_remove=tuple(sorted(before.fdb - desired.fdb)),
         )
-        self.kernel.fdb.change(add=sorted(desired.fdb - before.fdb), remove=sorted(before.fdb - desired.fdb))
+        self.kernel.changes.write(change)
+        for route in gone:
+            self.owners.pop(route.dst, None)
+        for route in desired.routes:
+            self.owners[route.dst] = node
         if desired == NodeEntries():
             self.applied.pop(node, None)
         else:
@@ -163,6 +204,7 @@ class RoutesController(Controller):
         neighbours = self.kernel.neighbours.apply({n for e in per_node.values() for n in e.neighbours}, names)
         fdb = self.kernel.fdb.apply({f for e in per_node.values() for f in e.fdb}, names)
         self.applied = per_node
+        self.owners = {r.dst: node for node, entries in per_node.items() for r in entries.routes}
         for reason in sorted(set(unreachable) - set(self.unreachable)):
             log.warning("no route", extra={"reason": reason})
         self.unreachable = unreachable

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 from typing import Any
 
 from tulle.cli.common import UserError
 from tulle.cni.conflist import conflist, write_conflist
+from tulle.cni.files import write_atomically
 
 DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
 DEFAULT_CNI_CONF_DIR = "/etc/cni/net.d"
@@ -25,7 +25,18 @@ def register(sub: Any) -> None:
     p.add_argument("--interface", help="the underlay interface (default: the one with the default route)")
     p.add_argument("--lease-ttl", type=int, default=15, help="seconds the node's registration outlives the agent")
     p.add_argument("--node-grace", type=float, default=60.0, help="seconds before a gone node's blocks are freed")
-    p.add_argument("--resync", type=float, default=30.0, help="seconds between full reconciles")
+    p.add_argument(
+        "--resync",
+        type=float,
+        default=30.0,
+        help="seconds between full syncs from the datastore (default: %(default)s)",
+    )
+    p.add_argument(
+        "--verify-interval",
+        type=float,
+        default=90.0,
+        help="seconds between syncs that read the kernel back and repair drift (default: %(default)s)",
+    )
     p.add_argument("--mtu", type=int, help="pod MTU (default: from the underlay and the mode)")
     p.add_argument("--prefix", default="/tulle", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -56,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         node_grace=args.node_grace,
         resync_interval=args.resync,
+        verify_interval=args.verify_interval,
         mtu=args.mtu,
     )
     run_agent(config)
@@ -74,10 +86,8 @@ def plugin_binary() -> str:
 def install_cni(args: argparse.Namespace) -> int:
     os.makedirs(args.bin_dir, exist_ok=True)
     target = os.path.join(args.bin_dir, "tulle")
-    tmp = target + ".tmp"
-    shutil.copyfile(plugin_binary(), tmp)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, target)  # atomic: a runtime never runs half a binary
+    with open(plugin_binary(), "rb") as f:
+        write_atomically(target, f.read(), mode=0o755)  # a runtime never runs half a binary
     conf = write_conflist(args.conf_dir, conflist(args.network, args.socket, args.state_dir))
     print(f"installed {target}")
     print(f"installed {conf}")

@@ -40,7 +40,7 @@ def open_datastore(args: argparse.Namespace) -> Datastore:
         store = open_url(url, getattr(args, "prefix", DEFAULT_PREFIX))
         store.get(NAMESPACE, "default")
     except DatastoreError as exc:
-        raise UserError(str(exc))
+        raise UserError(str(exc)) from None
     return store
 
 

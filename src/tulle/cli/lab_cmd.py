@@ -98,7 +98,7 @@ def _lab(name: str) -> Any:
     try:
         return Lab(name)
     except LabError as exc:
-        raise UserError(str(exc))
+        raise UserError(str(exc)) from None
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -130,7 +130,7 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
         try:
             return command(args)
         except _errors() as exc:
-            raise UserError(str(exc))
+            raise UserError(str(exc)) from None
 
     return run
 
@@ -171,7 +171,9 @@ def up(args: argparse.Namespace) -> int:
             resync=args.resync,
         )
     except _errors() as exc:
-        raise UserError(f"{exc}\n(the lab is left as it is for inspection; `tulle lab down {args.name}` removes it)")
+        raise UserError(
+            f"{exc}\n(the lab is left as it is for inspection; `tulle lab down {args.name}` removes it)"
+        ) from None
     info = lab.status()
     if args.json:
         print_json(info)

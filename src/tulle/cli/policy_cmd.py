@@ -17,9 +17,10 @@ from typing import Any
 from tulle.cli.common import UserError, add_datastore_args, open_datastore, print_json
 from tulle.datastore.base import DatastoreError
 from tulle.model import kinds
+from tulle.model.protocols import KUBERNETES_PROTOCOL_NAMES, PORT_PROTOCOLS, PROTOCOL_NUMBERS
 from tulle.policy.compiler import PolicyModel, compile_policies
 from tulle.policy.inputs import inputs_from_objects
-from tulle.policy.trace import PROTOCOL_NUMBERS, protocol_number, trace
+from tulle.policy.trace import protocol_number, trace
 
 
 def register(sub: Any) -> None:
@@ -49,17 +50,17 @@ def parse_port(text: str) -> tuple[int, int | None]:
         try:
             number = protocol_number(parts[0])
         except ValueError as exc:
-            raise UserError(str(exc))
-        if number in (6, 17, 132):
+            raise UserError(str(exc)) from None
+        if number in PORT_PROTOCOLS:
             raise UserError(f"{text!r} needs a port: write PORT/{parts[0]}, e.g. 80/{parts[0]}")
         return number, None
     if len(parts) > 2 or not parts[0].isdigit() or not 0 < int(parts[0]) < 65536:
         raise UserError(f"{text!r} is not PORT/PROTO: write e.g. 80/tcp, 53/udp or icmp")
     protocol = parts[1] if len(parts) == 2 else "tcp"
-    if protocol not in ("tcp", "udp", "sctp"):
-        known = ", ".join(sorted(p for p in PROTOCOL_NUMBERS if p in ("tcp", "udp", "sctp")))
+    if PROTOCOL_NUMBERS.get(protocol) not in PORT_PROTOCOLS:
+        known = ", ".join(name.lower() for name in KUBERNETES_PROTOCOL_NAMES)
         raise UserError(f"protocol {protocol!r} has no ports here; use one of {known}, or icmp alone")
-    return protocol_number(protocol), int(parts[0])
+    return PROTOCOL_NUMBERS[protocol], int(parts[0])
 
 
 def resolve_endpoint(model: PolicyModel, text: str, family: int) -> str:
@@ -93,7 +94,7 @@ def load_model(args: argparse.Namespace) -> PolicyModel:
             store.list(kind)[0] for kind in (kinds.NAMESPACE, kinds.POD, kinds.NETWORK_POLICY, kinds.WORKLOAD_ENDPOINT)
         ]
     except DatastoreError as exc:
-        raise UserError(str(exc))
+        raise UserError(str(exc)) from None
     finally:
         store.close()
     return compile_policies(inputs_from_objects(*objects))
@@ -111,7 +112,7 @@ def run_trace(args: argparse.Namespace) -> int:
     try:
         result = trace(model, src, dst, protocol, port)
     except ValueError as exc:
-        raise UserError(str(exc))
+        raise UserError(str(exc)) from None
     if args.output == "json":
         print_json(result.to_json())
     else:

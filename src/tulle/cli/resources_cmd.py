@@ -143,7 +143,7 @@ def _kind(name: str) -> Kind:
     try:
         return kinds.lookup(name)
     except kinds.UnknownKind as exc:
-        raise UserError(str(exc))
+        raise UserError(str(exc)) from None
 
 
 def _kind_and_names(kind_arg: str, names: list[str]) -> tuple[Kind, list[str]]:
@@ -241,7 +241,7 @@ def parse_documents(source: str, text: str) -> list[Document]:
         else:
             docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
-        raise UserError(f"error parsing {source}: {exc}")
+        raise UserError(f"error parsing {source}: {exc}") from None
     out: list[Document] = []
     for index, doc in enumerate(docs, start=1):
         if doc is None:
@@ -308,7 +308,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         except AdmissionErrors as errs:
             for i, err in errs.errors:
                 _server_error(err.reason, f"error when applying {docs[i].where()}: {err}")
-            raise UserError(f"nothing was applied: {len(errs.errors)} of {len(docs)} objects refused")
+            raise UserError(f"nothing was applied: {len(errs.errors)} of {len(docs)} objects refused") from None
         except Conflict as exc:
             _server_error("Conflict", f"{exc}; nothing was applied")
             return 1

@@ -49,7 +49,7 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
             lab = Lab(args.lab)
             nodes = sorted(load(args.lab)["nodes"], key=lambda n: n)
         except (LabError, LabNotFound) as exc:
-            raise UserError(str(exc))
+            raise UserError(str(exc)) from None
         with ThreadPoolExecutor(max_workers=min(32, len(nodes) or 1)) as pool:
             answers = list(pool.map(_ask, [lab.agent_socket(node) for node in nodes]))
         return [dict(answer, node=node) for node, answer in zip(nodes, answers, strict=True)]

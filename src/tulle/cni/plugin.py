@@ -66,7 +66,7 @@ def _decode_config(raw: bytes) -> dict[str, Any]:
     try:
         config = quickjson.loads(raw)
     except ValueError as exc:
-        raise CniError(spec.ERR_DECODE, "network configuration on stdin is not valid JSON", str(exc))
+        raise CniError(spec.ERR_DECODE, "network configuration on stdin is not valid JSON", str(exc)) from None
     if not isinstance(config, dict):
         raise CniError(spec.ERR_DECODE, "network configuration on stdin must be a JSON object")
     return config
@@ -96,10 +96,12 @@ def _connect(sock: _socket.socket, socket_path: str, timeout: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise AgentUnavailable(f"the tulle agent at {socket_path} is too busy to take a connection")
+                raise AgentUnavailable(f"the tulle agent at {socket_path} is too busy to take a connection") from None
             time.sleep(0.005)
         except OSError as exc:
-            raise AgentUnavailable(f"cannot connect to the tulle agent at {socket_path}: {_os_error_text(exc)}")
+            raise AgentUnavailable(
+                f"cannot connect to the tulle agent at {socket_path}: {_os_error_text(exc)}"
+            ) from None
 
 
 def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -112,7 +114,9 @@ def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dic
     try:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     except OSError as exc:  # e.g. out of file descriptors: transient as well
-        raise AgentUnavailable(f"cannot open a socket to the tulle agent at {socket_path}: {_os_error_text(exc)}")
+        raise AgentUnavailable(
+            f"cannot open a socket to the tulle agent at {socket_path}: {_os_error_text(exc)}"
+        ) from None
     try:
         sock.settimeout(timeout)
         _connect(sock, socket_path, timeout)
@@ -124,7 +128,9 @@ def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dic
     try:
         answer = quickjson.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise AgentUnavailable(f"the tulle agent at {socket_path} answered with something that is not JSON: {exc}")
+        raise AgentUnavailable(
+            f"the tulle agent at {socket_path} answered with something that is not JSON: {exc}"
+        ) from None
     if not isinstance(answer, dict):
         raise AgentUnavailable(f"the tulle agent at {socket_path} answered with JSON that is not an object")
     return answer
@@ -142,12 +148,12 @@ def _exchange(sock: _socket.socket, socket_path: str, request: bytes, timeout: f
             chunks.append(chunk)
     except TimeoutError:
         what = "answer" if sent else "take the request"
-        raise AgentUnavailable(f"the tulle agent at {socket_path} did not {what} within {timeout:g} s")
+        raise AgentUnavailable(f"the tulle agent at {socket_path} did not {what} within {timeout:g} s") from None
     except OSError as exc:  # ConnectionResetError, BrokenPipeError, ...: the agent went away mid-request
         step = "waiting for the answer" if sent else "sending the request"
         raise AgentUnavailable(
             f"the connection to the tulle agent at {socket_path} failed while {step}: {_os_error_text(exc)}"
-        )
+        ) from None
     return b"".join(chunks)
 
 
@@ -219,7 +225,7 @@ def _keep_del_for_the_agent(state_dir: str, request: dict[str, Any], agent_failu
             spec.ERR_TRY_AGAIN_LATER,
             f"the tulle agent is not available and the DEL cannot be recorded in {folder}: {_os_error_text(exc)}",
             str(agent_failure),
-        )
+        ) from None
 
 
 def run(command: str, env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
@@ -259,9 +265,11 @@ def run(command: str, env: dict[str, str], stdin: bytes) -> tuple[int, dict[str,
                 return 0, None
             if command == "STATUS":
                 # Spec section "STATUS": 50, "the plugin is not available (cannot service ADD requests)".
-                raise CniError(spec.ERR_PLUGIN_NOT_AVAILABLE, "the tulle agent is not available", str(exc))
+                raise CniError(spec.ERR_PLUGIN_NOT_AVAILABLE, "the tulle agent is not available", str(exc)) from None
             # Spec section "Error": 11, "try again later", for a transient condition; the runtime retries.
-            raise CniError(spec.ERR_TRY_AGAIN_LATER, "the tulle agent is not available; try again later", str(exc))
+            raise CniError(
+                spec.ERR_TRY_AGAIN_LATER, "the tulle agent is not available; try again later", str(exc)
+            ) from None
         if "error" in answer:
             raise CniError.from_dict(answer["error"])
         if command == "ADD":

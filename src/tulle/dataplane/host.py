@@ -11,8 +11,9 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from tulle.dataplane.netlink import IPRoute
 
 FORWARDING_SYSCTLS = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding")
 

@@ -27,7 +27,7 @@ def _setns(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise NetnsGone(f"network namespace {path} does not exist")
+        raise NetnsGone(f"network namespace {path} does not exist") from None
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()

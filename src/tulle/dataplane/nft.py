@@ -82,10 +82,13 @@ class Libnftables:
 # -- what the kernel has ------------------------------------------------------------------------
 
 
+ActualChain = tuple[tuple[str, str, int, str] | None, list[str]]  # (hook, rule ids in order)
+
+
 @dataclass
 class ActualTable:
     exists: bool = False
-    chains: dict[str, tuple[tuple[str, str, int, str] | None, list[str]]] = field(default_factory=dict)
+    chains: dict[str, ActualChain] = field(default_factory=dict)
     sets: dict[str, NftSet] = field(default_factory=dict)
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (packets, bytes)
 
@@ -213,50 +216,106 @@ def plan(desired: NftTable, actual: ActualTable) -> list[Command]:
     [{'add': {'table': {'family': 'inet', 'name': 'tulle'}}}]
     """
     ref = _table_ref()
-    rebuilt = {n for n, s in desired.sets.items() if n in actual.sets and actual.sets[n].definition() != s.definition()}
-    rewrite: list[str] = []  # chains whose rules are sent again
-    for name, chain in sorted(desired.chains.items()):
-        have = actual.chains.get(name)
-        if have is None or have[0] != chain.hook or have[1] != [rule_id(r) for r in chain.rules] or rebuilt:
-            rewrite.append(name)
-    recreate_chains = {n for n in rewrite if n in actual.chains and actual.chains[n][0] != desired.chains[n].hook}
-    removed_chains = sorted(set(actual.chains) - set(desired.chains))
-    removed_sets = sorted((set(actual.sets) - set(desired.sets)) | rebuilt)
-
+    changes = _ObjectChanges.between(desired, actual)
+    element_deletes, element_adds = _element_changes(desired, actual, changes.rebuilt_sets)
     out: list[Command] = []
     if not actual.exists:
         out.append({"add": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}})
-    for name in [n for n in rewrite if n in actual.chains] + removed_chains:
+    # Flushed first: their rules may reference the elements and sets deleted next.
+    for name in [n for n in changes.rewritten_chains if n in actual.chains] + changes.removed_chains:
         out.append({"flush": {"chain": {**ref, "name": name}}})
+    out.extend(element_deletes)
+    out.extend(_object_deletes(desired, actual, changes))
+    out.extend(_object_adds(desired, actual, changes))
+    out.extend(element_adds)
+    for name in changes.rewritten_chains:
+        for rule in desired.chains[name].rules:
+            out.append({"add": {"rule": {**ref, "chain": name, "expr": list(rule), "comment": rule_id(rule)}}})
+    return out
+
+
+@dataclass(frozen=True)
+class _ObjectChanges:
+    """Which sets and chains a transaction replaces, rewrites or removes."""
+
+    rebuilt_sets: frozenset[str]  # definition changed: deleted and added again, with all their elements
+    rewritten_chains: list[str]  # rules sent again, in name order
+    recreated_chains: frozenset[str]  # hook changed: deleted and added again
+    removed_chains: list[str]
+    removed_sets: list[str]  # no longer wanted, or rebuilt
+
+    @classmethod
+    def between(cls, desired: NftTable, actual: ActualTable) -> _ObjectChanges:
+        rebuilt = frozenset(
+            n for n, s in desired.sets.items() if n in actual.sets and actual.sets[n].definition() != s.definition()
+        )
+        # nft refuses to delete a set a rule references: when one is rebuilt, every chain is
+        # flushed and its rules sent again.
+        rewritten = [
+            name
+            for name, chain in sorted(desired.chains.items())
+            if rebuilt or _chain_differs(chain, actual.chains.get(name))
+        ]
+        recreated = frozenset(
+            n for n in rewritten if n in actual.chains and actual.chains[n][0] != desired.chains[n].hook
+        )
+        return cls(
+            rebuilt_sets=rebuilt,
+            rewritten_chains=rewritten,
+            recreated_chains=recreated,
+            removed_chains=sorted(set(actual.chains) - set(desired.chains)),
+            removed_sets=sorted((set(actual.sets) - set(desired.sets)) | rebuilt),
+        )
+
+
+def _chain_differs(chain: NftChain, have: ActualChain | None) -> bool:
+    return have is None or have[0] != chain.hook or have[1] != [rule_id(r) for r in chain.rules]
+
+
+def _element_changes(
+    desired: NftTable, actual: ActualTable, rebuilt_sets: frozenset[str]
+) -> tuple[list[Command], list[Command]]:
+    """The element deletes and adds that turn each set's actual elements into its desired ones."""
+    ref = _table_ref()
+    deletes: list[Command] = []
     adds: list[Command] = []
     for name, want in sorted(desired.sets.items()):
         elements = canonical_elements(want, want.elements)
-        current = actual.sets[name].elements if name in actual.sets and name not in rebuilt else frozenset()
+        current = actual.sets[name].elements if name in actual.sets and name not in rebuilt_sets else frozenset()
         gone, new = current - elements, elements - current
         if gone:
             elem = [_render_element(want, e) for e in sorted(gone, key=repr)]
-            out.append({"delete": {"element": {**ref, "name": name, "elem": elem}}})
+            deletes.append({"delete": {"element": {**ref, "name": name, "elem": elem}}})
         if new:
             elem = [_render_element(want, e) for e in sorted(new, key=repr)]
             adds.append({"add": {"element": {**ref, "name": name, "elem": elem}}})
-    for name in removed_chains + sorted(recreate_chains):
+    return deletes, adds
+
+
+def _object_deletes(desired: NftTable, actual: ActualTable, changes: _ObjectChanges) -> list[Command]:
+    """Chains, sets and counters to delete: after the rules referencing them were flushed."""
+    ref = _table_ref()
+    out: list[Command] = []
+    for name in changes.removed_chains + sorted(changes.recreated_chains):
         out.append({"delete": {"chain": {**ref, "name": name}}})
-    for name in removed_sets:
+    for name in changes.removed_sets:
         out.append({"delete": {actual.sets[name].kind: {**ref, "name": name}}})
     for name in sorted(set(actual.counters) - desired.counters):
         out.append({"delete": {"counter": {**ref, "name": name}}})
+    return out
+
+
+def _object_adds(desired: NftTable, actual: ActualTable, changes: _ObjectChanges) -> list[Command]:
+    """Counters, sets and chains to add: before the elements and rules that reference them."""
+    out: list[Command] = []
     for name in sorted(desired.counters - set(actual.counters)):
-        out.append({"add": {"counter": {**ref, "name": name}}})
+        out.append({"add": {"counter": {**_table_ref(), "name": name}}})
     for name, want in sorted(desired.sets.items()):
-        if name not in actual.sets or name in rebuilt:
+        if name not in actual.sets or name in changes.rebuilt_sets:
             out.append({"add": {want.kind: _set_object(want)}})
     for name, chain in sorted(desired.chains.items()):
-        if name not in actual.chains or name in recreate_chains:
+        if name not in actual.chains or name in changes.recreated_chains:
             out.append({"add": {"chain": _chain_object(chain)}})
-    out.extend(adds)
-    for name in rewrite:
-        for rule in desired.chains[name].rules:
-            out.append({"add": {"rule": {**ref, "chain": name, "expr": list(rule), "comment": rule_id(rule)}}})
     return out
 
 

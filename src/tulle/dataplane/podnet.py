@@ -15,9 +15,9 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tulle.dataplane.netlink import IPRoute
 from tulle.dataplane.netns import NetnsGone, run_in_netns
 
 RTPROT_TULLE_POD = 212  # marks routes to pods (211 is for routes to other nodes, see dataplane/routing.py)
@@ -178,7 +178,7 @@ def create(pod: PodInterface) -> str:
                     peer={"ifname": pod.ifname, "net_ns_fd": ns.fileno(), "mtu": pod.mtu},
                 )
             except NetlinkError as exc:
-                raise PodNetError(f"cannot create the veth pair {pod.host_ifname}: {exc}")
+                raise PodNetError(f"cannot create the veth pair {pod.host_ifname}: {exc}") from exc
     try:
         mac = run_in_netns(pod.netns, lambda: _pod_side(pod))
         with IPRoute() as ipr:

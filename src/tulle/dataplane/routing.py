@@ -12,18 +12,25 @@ Diff(add=[Route(dst='10.244.1.0/26', gateway='172.30.1.3', ...)], remove=[])
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import logging
 import socket
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWNEIGH, RTM_NEWROUTE
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
+from tulle.dataplane.netlink import IPRoute
 from tulle.dataplane.podnet import IFA_F_NODAD, NUD_PERMANENT
 from tulle.kernelstate.net import FdbEntry, Neighbour, Route, VxlanDevice
 
@@ -33,6 +40,7 @@ RTPROT_TULLE_NODE = 211  # routes to other nodes' blocks and blackholes for ours
 MAIN_TABLE = 254
 RTN_BLACKHOLE = 6
 RTNH_F_ONLINK = 4
+AF_BRIDGE = 7
 
 
 class Netlink(Protocol):
@@ -52,7 +60,7 @@ class Netlink(Protocol):
     def fdb(self, command: str, **kwargs: Any) -> Any: ...
 
 
-NetlinkFactory = Callable[[], Netlink]
+NetlinkFactory = Callable[[], AbstractContextManager[Netlink]]  # IPRoute, or a shared socket
 
 
 class _Ordered(Protocol):
@@ -290,21 +298,6 @@ class RouteReconciler:
                     log.warning("cannot install route", extra={"route": route.dst, "error": str(exc)})
         return change
 
-    def change(self, add: Iterable[Route], remove: Iterable[Route]) -> None:
-        """Add (replace) and delete the given routes only, without reading the table: the
-        change for one node that came, went or moved, at a cost that does not grow with the
-        cluster. A route to delete that is gone already (or was replaced by another for the
-        same destination) is left alone: a delete names the gateway it expects."""
-        with self._netlink() as ipr:
-            for route in remove:
-                try:
-                    ipr.route("del", **self._args(ipr, route))
-                except NetlinkError as exc:
-                    if exc.code != errno.ESRCH:
-                        raise
-            for route in add:
-                ipr.route("replace", **self._args(ipr, route))
-
     @staticmethod
     def _args(ipr: Netlink, route: Route) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -377,29 +370,6 @@ class DeviceEntryReconciler(ABC, Generic[E]):
                 self.add(ipr, indexes[entry.dev], entry)
         return change
 
-    def change(self, add: Iterable[E], remove: Iterable[E]) -> None:
-        """Add and delete the given entries only (one node's), without reading the devices; an
-        entry for a device that does not exist (yet) waits for the next full reconcile."""
-        with self._netlink() as ipr:
-            indexes: dict[str, int | None] = {}
-
-            def index(dev: str) -> int | None:
-                if dev not in indexes:
-                    indexes[dev] = _index(ipr, dev)
-                return indexes[dev]
-
-            for entry in remove:
-                found = index(entry.dev)
-                if found is not None:
-                    try:
-                        self.delete(ipr, found, entry)
-                    except NetlinkError:
-                        pass  # gone already
-            for entry in add:
-                found = index(entry.dev)
-                if found is not None:
-                    self.add(ipr, found, entry)
-
 
 class NeighbourReconciler(DeviceEntryReconciler[Neighbour]):
     def read(self, ipr: Netlink, dev: str, index: int) -> Iterable[Neighbour]:
@@ -427,3 +397,133 @@ class FdbReconciler(DeviceEntryReconciler[FdbEntry]):
 
     def delete(self, ipr: Netlink, index: int, entry: FdbEntry) -> None:
         ipr.fdb("del", ifindex=index, lladdr=entry.mac, dst=entry.dst)
+
+
+# -- one node's change, as one batch ------------------------------------------------------------
+
+
+class NodeChangeWriter:
+    """Writes one node's change (routes, neighbours, FDB entries to add and to delete) as one
+    batch of netlink requests, without reading the kernel's tables: the work of a node that
+    joins, leaves or moves, whatever the size of the cluster (docs/design/routing.md).
+
+    The requests are pyroute2's own messages, built here and sent with its async API in one
+    event-loop run: pyroute2's keyword-argument layer and its event loop per synchronous call
+    cost ~0.6 ms a request, a built message ~0.08 ms. A delete of something gone already is not
+    an error (a route delete names the gateway it expects, so a route another node took over is
+    left alone); a device that does not exist yet leaves its entries to the next full reconcile.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ipr: Any = None
+        self._lock = threading.Lock()
+
+    def write(self, change: EntryChange) -> None:
+        with self._lock:
+            try:
+                self._loop.run_until_complete(self._write(change))
+            except OSError:
+                self._ipr = None  # a broken socket: a new one next time
+                raise
+
+    async def _write(self, change: EntryChange) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        if self._ipr is None:
+            self._ipr = AsyncIPRoute()
+            await self._ipr.setup_endpoint()
+        for msg_type, msg in _messages(change, removing=True):
+            try:
+                await self._ipr.nlm_request(msg, msg_type=msg_type, msg_flags=_DELETE)
+            except NetlinkError:
+                pass  # gone already, or replaced by another node's entry
+        for msg_type, msg in _messages(change, removing=False):
+            flags = _APPEND if msg_type == RTM_NEWNEIGH and msg["family"] == AF_BRIDGE else _REPLACE
+            await self._ipr.nlm_request(msg, msg_type=msg_type, msg_flags=flags)
+
+
+_DELETE = NLM_F_REQUEST | NLM_F_ACK
+_REPLACE = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+_APPEND = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
+_NUD_NOARP = 0x40
+_NTF_SELF = 0x02
+_RTN_UNICAST = 1
+
+
+def _messages(change: EntryChange, removing: bool) -> list[tuple[int, Any]]:
+    """The requests for one side of a change; entries whose device is missing are left out."""
+    routes = change.routes_remove if removing else change.routes_add
+    neighbours = change.neighbours_remove if removing else change.neighbours_add
+    fdb = change.fdb_remove if removing else change.fdb_add
+    out: list[tuple[int, Any]] = []
+    for route in routes:
+        if (msg := _route_msg(route)) is not None:
+            out.append((RTM_DELROUTE if removing else RTM_NEWROUTE, msg))
+    entries: list[Neighbour | FdbEntry] = [*neighbours, *fdb]
+    for entry in entries:
+        if (msg := _neighbour_msg(entry)) is not None:
+            out.append((RTM_DELNEIGH if removing else RTM_NEWNEIGH, msg))
+    return out
+
+
+def _route_msg(route: Route) -> Any:
+    net = ipaddress.ip_network(route.dst)
+    msg = rtmsg()
+    msg["family"] = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    msg["dst_len"] = net.prefixlen
+    msg["table"] = MAIN_TABLE
+    msg["proto"] = RTPROT_TULLE_NODE
+    msg["scope"] = 0  # universe
+    msg["type"] = RTN_BLACKHOLE if route.blackhole else _RTN_UNICAST
+    msg["flags"] = RTNH_F_ONLINK if route.onlink else 0
+    attrs: list[tuple[str, Any]] = [("RTA_TABLE", MAIN_TABLE), ("RTA_DST", str(net.network_address))]
+    if route.gateway:
+        attrs.append(("RTA_GATEWAY", route.gateway))
+    if route.dev:
+        index = _device_index(route.dev)
+        if index is None:
+            return None
+        attrs.append(("RTA_OIF", index))
+    msg["attrs"] = attrs
+    return msg
+
+
+def _neighbour_msg(entry: Neighbour | FdbEntry) -> Any:
+    index = _device_index(entry.dev)
+    if index is None:
+        return None
+    msg = ndmsg()
+    msg["ifindex"] = index
+    if isinstance(entry, FdbEntry):  # the VXLAN device's FDB: inner MAC -> outer destination
+        msg["family"] = AF_BRIDGE
+        msg["state"] = NUD_PERMANENT | _NUD_NOARP
+        msg["flags"] = _NTF_SELF
+        msg["attrs"] = [("NDA_LLADDR", entry.mac), ("NDA_DST", entry.dst)]
+    else:
+        msg["family"] = socket.AF_INET if ipaddress.ip_address(entry.address).version == 4 else socket.AF_INET6
+        msg["state"] = NUD_PERMANENT
+        msg["attrs"] = [("NDA_DST", entry.address), ("NDA_LLADDR", entry.mac)]
+    return msg
+
+
+@dataclass(frozen=True)
+class EntryChange:
+    """What to add and delete for one node."""
+
+    routes_add: tuple[Route, ...] = ()
+    routes_remove: tuple[Route, ...] = ()
+    neighbours_add: tuple[Neighbour, ...] = ()
+    neighbours_remove: tuple[Neighbour, ...] = ()
+    fdb_add: tuple[FdbEntry, ...] = ()
+    fdb_remove: tuple[FdbEntry, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self != EntryChange()
+
+
+def _device_index(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None

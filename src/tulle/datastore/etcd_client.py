@@ -35,7 +35,27 @@ log = logging.getLogger(__name__)
 # many writes; etcd answers a bigger one with a bare "Bad Request".
 MAX_TXN_OPS = 128
 
+# google.rpc.Code in the gateway's error body; etcd answers a missing lease with it (ErrGRPCLeaseNotFound).
+GRPC_NOT_FOUND = 5
+
 _TxnRequests = list[dict[str, Any]]  # the class's `list` method hides the builtin from mypy there
+
+
+class EtcdRefused(DatastoreError):
+    """etcd answered, and refused: its HTTP status and gRPC code say what it refused, the text says it to people."""
+
+    def __init__(self, message: str, http_status: int, grpc_code: int | None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.grpc_code = grpc_code  # None when the body was not the gateway's {"error", "message", "code"}
+
+
+def _grpc_code(body: bytes) -> int | None:
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        return None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
 @dataclass(frozen=True)
@@ -278,8 +298,10 @@ class EtcdClient:
         if ended is not None:
             log.warning("the datastore answers again", extra={"outage_s": round(time.time() - ended.since, 1)})
         if status != 200:
-            raise DatastoreError(
-                f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}"
+            raise EtcdRefused(
+                f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}",
+                http_status=status,
+                grpc_code=_grpc_code(data),
             )
         out: dict[str, Any] = json.loads(data)
         return out
@@ -411,8 +433,8 @@ class EtcdClient:
     def revoke_lease(self, lease: int) -> None:
         try:
             self._post("kv/lease/revoke", {"ID": lease})
-        except DatastoreError as exc:
-            if "lease not found" not in str(exc):
+        except EtcdRefused as exc:
+            if exc.grpc_code != GRPC_NOT_FOUND:  # a lease that expired already is as good as revoked
                 raise
 
     def lease_ttl(self, lease: int) -> int:

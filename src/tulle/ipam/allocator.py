@@ -23,7 +23,7 @@ import copy
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,15 @@ class AddressConflict(IpamError):
 
 # (handle, addresses, attributes such as {"pod": "ns/name"}): what one endpoint holds.
 Holding = tuple[str, Sequence[str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class FirstAllocation:
+    """The allocation a block is claimed for: it is written with the block."""
+
+    handle: str
+    attrs: dict[str, Any]
+    held: Callable[[str], bool]
 
 
 def block_name(cidr: IPNetwork) -> str:
@@ -175,10 +184,17 @@ class NodeAllocator:
     def _pools_for(self, family: int) -> list[Pool]:
         return sorted((p for p in self._pools() if p.family == family), key=lambda p: p.name)
 
-    def _create_block(self, cidr: IPNetwork, pool: str) -> Block | None:
-        """Create the block for this node if nobody holds it (invariant 1); None if somebody does."""
+    def _create_block(self, cidr: IPNetwork, pool: str, first: FirstAllocation | None = None) -> Block | None:
+        """Create the block for this node if nobody holds it (invariant 1); None if somebody does.
+        With `first`, the block is created holding that allocation already: one write, and one
+        event for every other node, where a claim and then an allocation would be two."""
+        block = Block(cidr=cidr, pool=pool, node=self.node)
+        if first is not None:
+            address = block.free_address(first.held)
+            if address is not None:
+                block.allocations[str(address)] = dict(first.attrs, handle=first.handle)
         try:
-            stored = self.datastore.create(Block(cidr=cidr, pool=pool, node=self.node).to_object())
+            stored = self.datastore.create(block.to_object())
         except AlreadyExists:
             return None
         log.info("claimed block", extra={"block": str(cidr), "pool": pool})
@@ -187,8 +203,9 @@ class NodeAllocator:
             self._own()[block.name] = block
         return copy.deepcopy(block)
 
-    def claim_block(self, family: int) -> Block:
-        """Claim one more block of this family for this node (invariant 1)."""
+    def claim_block(self, family: int, first: FirstAllocation | None = None) -> Block:
+        """Claim one more block of this family for this node (invariant 1), holding `first`'s
+        allocation from the start if given."""
         pools = self._pools_for(family)
         if not pools:
             raise IpamError(f"no IPv{family} pool is configured: create an IPPool with an IPv{family} cidr")
@@ -198,7 +215,7 @@ class NodeAllocator:
                 candidate = next((c for c in pool.blocks_from(self.node) if str(c) not in taken), None)
                 if candidate is None:
                     break  # this pool is full; try the next one
-                block = self._create_block(candidate, pool.name)
+                block = self._create_block(candidate, pool.name, first)
                 if block is not None:
                     return block
                 # another node claimed it between our read and our create: read again
@@ -234,7 +251,10 @@ class NodeAllocator:
                     return address
                 break  # the block changed under us (invariant 2): read again
             else:
-                self.claim_block(family)
+                claimed = self.claim_block(family, FirstAllocation(handle, attrs, held))
+                for given, holder in claimed.allocations.items():
+                    if holder.get("handle") == handle:
+                        return ipaddress.ip_address(given)
         raise IpamError(f"could not allocate an IPv{family} address for {handle}: the datastore kept changing")
 
     def allocate(
@@ -350,12 +370,14 @@ class NodeAllocator:
             return out
 
 
-def release_node_blocks(datastore: Datastore, node: str, held: Callable[[str], bool]) -> list[str]:
-    """Free the blocks of a removed node (invariant 8): each block where no address is `held`
-    by an endpoint, by compare-and-swap on the block as read."""
+def release_node_blocks(datastore: Datastore, node: str, held: Collection[str]) -> list[str]:
+    """Free the blocks of a removed node (invariant 8): each block in whose range no address is
+    `held` by an endpoint (whether or not the block still records it), by compare-and-swap on
+    the block as read."""
+    addresses = [ipaddress.ip_address(a) for a in held]
     freed = []
     for block in list_blocks(datastore):
-        if block.node != node or any(held(a) for a in block.allocations):
+        if block.node != node or any(a in block.cidr for a in addresses):
             continue
         try:
             if datastore.delete(IPAM_BLOCK, block.name, resource_version=block.meta.get("resourceVersion")):

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -120,14 +121,20 @@ class Lab:
             lab_state.save(self.name, state)
             families = [4] if ipv4_only else [4, 6]
             self.with_store(state, lambda store: self._create_pools(store, families))
-            for _ in range(nodes):
-                node = f"node{state['nextIndex']}"
-                progress(f"node {node}")
-                self._add_node(state, node)
+            names = [f"node{state['nextIndex'] + i}" for i in range(nodes)]
+            for node in names:
+                self._reserve_node(state, node)
+            lab_state.save(self.name, state)
+            progress(f"{nodes} nodes")
+            # Nodes are made side by side: each is a few `ip` commands and an agent process, and
+            # a 100-node lab made one by one spends most of its time waiting on them.
+            with ThreadPoolExecutor(max_workers=min(8, nodes)) as pool:
+                list(pool.map(lambda n: self._make_node(state, n), names))
             lab_state.save(self.name, state)
             progress("waiting for the agents")
-            for node in state["nodes"]:
-                self.wait_agent_ready(state, node)
+            ready_within = 60.0 + nodes  # the agents start together on few cores
+            with ThreadPoolExecutor(max_workers=min(16, nodes)) as pool:
+                list(pool.map(lambda n: self.wait_agent_ready(state, n, timeout=ready_within), names))
         except BaseException:
             lab_state.save(self.name, state)
             raise
@@ -170,6 +177,13 @@ class Lab:
         return os.path.join(self.node_dir(node), "agent.sock")
 
     def _add_node(self, state: dict[str, Any], node: str) -> None:
+        self._reserve_node(state, node)
+        lab_state.save(self.name, state)
+        self._make_node(state, node)
+        lab_state.save(self.name, state)
+
+    def _reserve_node(self, state: dict[str, Any], node: str) -> None:
+        """The node's place in the lab (index, subnet, namespace name), in the state only."""
         if not topology.NODE_RE.match(node):
             raise LabError(f"node name {node!r} must be lowercase letters, digits and '-', starting with a letter")
         if node in state["nodes"]:
@@ -177,17 +191,19 @@ class Lab:
         index = state["nextIndex"]
         state["nextIndex"] = index + 1
         subnet = _subnet_for(index, state["mode"])
-        record: dict[str, Any] = {"index": index, "subnet": subnet, "netns": self.names.node(node)}
-        state["nodes"][node] = record
-        lab_state.save(self.name, state)
-        v4, v6 = topology.create_node(self.names, node, index, subnet)
+        state["nodes"][node] = {"index": index, "subnet": subnet, "netns": self.names.node(node)}
+
+    def _make_node(self, state: dict[str, Any], node: str) -> None:
+        """A reserved node made real: its namespace and uplink, its CNI configuration, its agent.
+        Touches only its own record, so several can be made at once."""
+        record = state["nodes"][node]
+        v4, v6 = topology.create_node(self.names, node, record["index"], record["subnet"])
         record["addresses"] = [v4, v6]
         node_dir = self.node_dir(node)
         os.makedirs(node_dir, exist_ok=True)
         conf_dir = os.path.join(node_dir, "cni")
         write_conflist(conf_dir, conflist(NETWORK, self.agent_socket(node), os.path.join(node_dir, "state")))
         record["pid"] = self._start_agent(state, node)
-        lab_state.save(self.name, state)
 
     def _start_agent(self, state: dict[str, Any], node: str) -> int:
         node_dir = self.node_dir(node)
@@ -216,7 +232,10 @@ class Lab:
             str(state["agent"]["nodeGrace"]),
         ]
         if state["agent"].get("resync"):
-            cmd += ["--resync", str(state["agent"]["resync"])]
+            resync = float(state["agent"]["resync"])
+            # Reading the kernel back is the expensive part of the periodic work: never more
+            # often than the agent's default, and as rarely as the resync when that is rarer.
+            cmd += ["--resync", str(resync), "--verify-interval", str(max(resync, 90.0))]
         with open(os.path.join(node_dir, "agent.log"), "ab") as log:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             proc = subprocess.Popen(
@@ -352,7 +371,7 @@ class Lab:
                 name=f"{self.name}-etcd",
             )
         except RuntimeError as exc:
-            raise LabError(str(exc))
+            raise LabError(str(exc)) from exc
 
     def _etcd_pid(self) -> int:
         return int(lab_state.load(self.name).get("etcd", {}).get("pid") or 0)
@@ -425,6 +444,33 @@ class Lab:
         key = f"{namespace}/{pod}"
         self._retry_pod_deletes()
         token = uuid.uuid4().hex
+        state, record, entry = self._reserve_pod(node, namespace, pod, runtime, token)
+        undo: list[Callable[[], None]] = []
+        wrote_pod = False
+        try:
+            conf = self._conflist(node)
+            wrote_pod = True  # before the write: one that timed out may still have landed
+            self.with_store(state, lambda store: _write_pod_object(store, node, namespace, pod, labels, ports))
+            if runtime == "cni":
+                self._add_pod_network(record, conf, entry, undo)
+            else:
+                self._start_podman_pod(record, node, pod, entry, undo)
+            entry["ips"] = self._pod_addresses(entry["netns"])
+            host_ip = record["addresses"][0]
+            self.with_store(state, lambda store: _mark_running(store, namespace, pod, entry["ips"], host_ip))
+            self._record_added_pod(key, token, entry)
+        except BaseException:
+            _undo(undo)
+            deleted = not wrote_pod or self._delete_pod_object(state, namespace, pod)
+            self._strike(key, token, pod_object_deleted=deleted)
+            raise
+        return {"pod": key, "node": node, "ips": entry["ips"]}
+
+    def _reserve_pod(
+        self, node: str, namespace: str, pod: str, runtime: str, token: str
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Reserve the pod's key in the books (phase "adding"); (lab state, node record, pod entry)."""
+        key = f"{namespace}/{pod}"
         with lab_state.locked(self.name) as state:
             if not state:
                 raise lab_state.LabNotFound(f"there is no lab named {self.name!r}")
@@ -445,66 +491,39 @@ class Lab:
                 # Under the lock: quick once made, and two adds must not make it at once.
                 make_rootfs(os.path.join(self.dir, "rootfs"))
             state["pods"][key] = dict(entry, phase="adding", owner=_owner(), reservation=token)
-            # The Pod object is written afresh below: a delete still owed for the name must not
-            # remove it later.
+            # The Pod object is written afresh: a delete still owed for the name must not remove it later.
             _forget_pod_delete(state, key)
-        pod_obj = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": pod, "namespace": namespace, "labels": labels},
-            "spec": {
-                "nodeName": node,
-                "containers": [{"name": "main", "image": "busybox", "ports": ports}],
-            },
-        }
+        return state, record, entry
 
-        def write(store: Datastore) -> None:
-            objects = [pod_obj]
-            if store.get(NAMESPACE, namespace) is None:
-                objects.insert(0, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-            _apply(store, objects)
+    def _add_pod_network(
+        self, record: dict[str, Any], conf: dict[str, Any], entry: dict[str, Any], undo: list[Callable[[], None]]
+    ) -> None:
+        """The pod's netns and a CNI ADD into it, as a kubelet's runtime does; their undoing goes on `undo`."""
+        netns = os.path.basename(entry["netns"])
+        topology.add_netns(netns)
+        undo.append(lambda: topology.del_netns(netns))
+        cni = CniRuntime(CNI_PATH, f"/run/netns/{record['netns']}")
+        result = cni.add(conf, entry["containerID"], entry["netns"], "eth0", entry["args"])
+        # A runtime that cannot go on after a successful ADD gives back what it took.
+        undo.append(lambda: cni.delete(conf, entry["containerID"], entry["netns"], "eth0", entry["args"], result))
+        entry["result"] = result
 
-        undo: list[Callable[[], None]] = []
-        wrote_pod = False
-        try:
-            conf = self._conflist(node)
-            wrote_pod = True  # before the write: one that timed out may still have landed
-            self.with_store(state, write)
-            if runtime == "cni":
-                netns = os.path.basename(entry["netns"])
-                topology.add_netns(netns)
-                undo.append(lambda: topology.del_netns(netns))
-                cni = CniRuntime(CNI_PATH, f"/run/netns/{record['netns']}")
-                result = cni.add(conf, entry["containerID"], entry["netns"], "eth0", entry["args"])
-                # A runtime that cannot go on after a successful ADD gives back what it took.
-                undo.append(
-                    lambda: cni.delete(conf, entry["containerID"], entry["netns"], "eth0", entry["args"], result)
-                )
-                entry["result"] = result
-            else:
-                podman = self._podman(record, node)
-                undo.append(lambda: podman.remove(pod))
-                info = podman.start(pod, NETWORK, os.path.join(self.dir, "rootfs"))
-                entry["containerID"] = info["Id"]
-                entry["netns"] = info["NetworkSettings"]["SandboxKey"]
-                entry["result"] = None
-            entry["ips"] = self._pod_addresses(entry["netns"])
-            host_ip = record["addresses"][0]
-            self.with_store(state, lambda store: _mark_running(store, namespace, pod, entry["ips"], host_ip))
-            with lab_state.locked(self.name) as now:
-                if now.get("pods", {}).get(key, {}).get("reservation") != token:
-                    raise LabError(f"pod {key} was removed from lab {self.name} while it was being added")
-                now["pods"][key] = entry
-        except BaseException:
-            for step in reversed(undo):
-                try:
-                    step()
-                except Exception:
-                    pass  # the error that stopped the add is the one to report, not a clean-up's
-            deleted = not wrote_pod or self._delete_pod_object(state, namespace, pod)
-            self._strike(key, token, pod_object_deleted=deleted)
-            raise
-        return {"pod": key, "node": node, "ips": entry["ips"]}
+    def _start_podman_pod(
+        self, record: dict[str, Any], node: str, pod: str, entry: dict[str, Any], undo: list[Callable[[], None]]
+    ) -> None:
+        """A podman container on the node's network (podman runs the CNI ADD); its removal goes on `undo`."""
+        podman = self._podman(record, node)
+        undo.append(lambda: podman.remove(pod))
+        info = podman.start(pod, NETWORK, os.path.join(self.dir, "rootfs"))
+        entry["containerID"] = info["Id"]
+        entry["netns"] = info["NetworkSettings"]["SandboxKey"]
+        entry["result"] = None
+
+    def _record_added_pod(self, key: str, token: str, entry: dict[str, Any]) -> None:
+        with lab_state.locked(self.name) as now:
+            if now.get("pods", {}).get(key, {}).get("reservation") != token:
+                raise LabError(f"pod {key} was removed from lab {self.name} while it was being added")
+            now["pods"][key] = entry
 
     def _delete_pod_object(self, state: dict[str, Any], namespace: str, pod: str, timeout: float = 3.0) -> bool:
         """Delete the Pod object; False if the datastore did not answer (the delete is then owed)."""
@@ -683,6 +702,35 @@ class Lab:
             "pendingPodDeletes": list(state.get("pendingPodDeletes", [])),
             "external": state.get("external", {}),
         }
+
+
+def _write_pod_object(
+    store: Datastore, node: str, namespace: str, pod: str, labels: dict[str, str], ports: list[dict[str, Any]]
+) -> None:
+    """The Pod object, scheduled on `node`, and its Namespace if there is none yet."""
+    objects: list[Obj] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": namespace, "labels": labels},
+            "spec": {
+                "nodeName": node,
+                "containers": [{"name": "main", "image": "busybox", "ports": ports}],
+            },
+        }
+    ]
+    if store.get(NAMESPACE, namespace) is None:
+        objects.insert(0, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    _apply(store, objects)
+
+
+def _undo(steps: list[Callable[[], None]]) -> None:
+    """Undo what a failed add made, last step first."""
+    for step in reversed(steps):
+        try:
+            step()
+        except Exception:
+            pass  # the error that stopped the add is the one to report, not a clean-up's
 
 
 def _owe_pod_delete(state: dict[str, Any], key: str) -> None:

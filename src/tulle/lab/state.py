@@ -32,7 +32,7 @@ def load(name: str) -> dict[str, Any]:
             state: dict[str, Any] = json.load(f)
             return state
     except FileNotFoundError:
-        raise LabNotFound(f"there is no lab named {name!r} (see `tulle lab up`)")
+        raise LabNotFound(f"there is no lab named {name!r} (see `tulle lab up`)") from None
 
 
 def save(name: str, state: dict[str, Any]) -> None:

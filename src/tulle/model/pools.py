@@ -84,7 +84,7 @@ def parse_pool(obj: dict[str, Any]) -> Pool:
     try:
         cidr = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
-        raise PoolError(name, "spec.cidr", "Invalid value", raw, f"must be a network in CIDR form ({exc})")
+        raise PoolError(name, "spec.cidr", "Invalid value", raw, f"must be a network in CIDR form ({exc})") from None
     if "/" not in raw:
         raise PoolError(name, "spec.cidr", "Invalid value", raw, "must be a network in CIDR form")
     family = cidr.version
@@ -109,7 +109,7 @@ def check_no_overlap(pools: list[Pool]) -> None:
     """Two pools that share addresses would hand one address out twice."""
     for i, a in enumerate(pools):
         for b in pools[i + 1 :]:
-            if a.family == b.family and a.cidr.overlaps(b.cidr):  # type: ignore[arg-type]
+            if a.family == b.family and a.cidr.overlaps(b.cidr):
                 raise PoolError(
                     b.name, "spec.cidr", "Invalid value", str(b.cidr), f"overlaps IPPool {a.name} ({a.cidr})"
                 )

@@ -13,6 +13,7 @@ ICMPV6 = 58
 SCTP = 132
 
 KUBERNETES_PROTOCOLS = {"TCP": TCP, "UDP": UDP, "SCTP": SCTP}  # a port's `protocol` field
+KUBERNETES_PROTOCOL_NAMES = tuple(sorted(KUBERNETES_PROTOCOLS))  # as the API server lists them: SCTP, TCP, UDP
 PORT_PROTOCOLS = frozenset(KUBERNETES_PROTOCOLS.values())  # the protocols whose flows have ports
 ICMP_PROTOCOLS = frozenset({ICMP, ICMPV6})
 

@@ -95,34 +95,39 @@ def parse_selector(obj: Any, where: str = "selector") -> LabelSelector:
         return EVERYTHING
     if not isinstance(obj, dict):
         raise SelectorError(f"{where} must be an object, not {obj!r}")
-    requirements: set[Requirement] = set()
-    labels = obj.get("matchLabels") or {}
-    if not isinstance(labels, dict):
-        raise SelectorError(f"{where}.matchLabels must be an object, not {labels!r}")
-    for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise SelectorError(f"{where}.matchLabels: {key!r}: {value!r} must map a string to a string")
-        requirements.add(Requirement(key, IN, (value,)))
+    requirements = set(_match_labels(obj.get("matchLabels") or {}, f"{where}.matchLabels"))
     expressions = obj.get("matchExpressions") or []
     if not isinstance(expressions, list):
         raise SelectorError(f"{where}.matchExpressions must be a list, not {expressions!r}")
     for i, expr in enumerate(expressions):
-        at = f"{where}.matchExpressions[{i}]"
-        if not isinstance(expr, dict):
-            raise SelectorError(f"{at} must be an object, not {expr!r}")
-        key, operator = expr.get("key"), expr.get("operator")
-        if not isinstance(key, str) or not key:
-            raise SelectorError(f"{at}.key must be a non-empty string")
-        if operator not in OPERATORS:
-            raise SelectorError(f"{at}.operator {operator!r} is not one of {', '.join(OPERATORS)}")
-        values = _strings(expr.get("values") or [], f"{at}.values")
-        # metav1 validation: In and NotIn need values, Exists and DoesNotExist must have none.
-        if operator in (IN, NOT_IN) and not values:
-            raise SelectorError(f"{at}: operator {operator} needs at least one value")
-        if operator in (EXISTS, DOES_NOT_EXIST) and values:
-            raise SelectorError(f"{at}: operator {operator} takes no values")
-        requirements.add(Requirement(key, operator, values))
+        requirements.add(_match_expression(expr, f"{where}.matchExpressions[{i}]"))
     return LabelSelector(tuple(sorted(requirements)))
+
+
+def _match_labels(labels: Any, where: str) -> Iterator[Requirement]:
+    if not isinstance(labels, dict):
+        raise SelectorError(f"{where} must be an object, not {labels!r}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise SelectorError(f"{where}: {key!r}: {value!r} must map a string to a string")
+        yield Requirement(key, IN, (value,))
+
+
+def _match_expression(expr: Any, where: str) -> Requirement:
+    if not isinstance(expr, dict):
+        raise SelectorError(f"{where} must be an object, not {expr!r}")
+    key, operator = expr.get("key"), expr.get("operator")
+    if not isinstance(key, str) or not key:
+        raise SelectorError(f"{where}.key must be a non-empty string")
+    if operator not in OPERATORS:
+        raise SelectorError(f"{where}.operator {operator!r} is not one of {', '.join(OPERATORS)}")
+    values = _strings(expr.get("values") or [], f"{where}.values")
+    # metav1 validation: In and NotIn need values, Exists and DoesNotExist must have none.
+    if operator in (IN, NOT_IN) and not values:
+        raise SelectorError(f"{where}: operator {operator} needs at least one value")
+    if operator in (EXISTS, DOES_NOT_EXIST) and values:
+        raise SelectorError(f"{where}: operator {operator} takes no values")
+    return Requirement(key, operator, values)
 
 
 def matches(selector: LabelSelector, labels: Mapping[str, str]) -> bool:

@@ -22,12 +22,13 @@ import copy
 import ipaddress
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, POD, Kind, Obj, Reader, by_kind
 from tulle.model.pools import NO_VALUE, Pool, PoolError, check_no_overlap, parse_pool
+from tulle.model.protocols import KUBERNETES_PROTOCOL_NAMES
 
 # The kinds users write; Nodes and WorkloadEndpoints are written by the agents.
 ADMITTED: tuple[Kind, ...] = (NAMESPACE, POD, NETWORK_POLICY, IP_POOL)
@@ -37,7 +38,6 @@ ADMITTED: tuple[Kind, ...] = (NAMESPACE, POD, NETWORK_POLICY, IP_POOL)
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
-PROTOCOLS = ("SCTP", "TCP", "UDP")  # sorted, as the API server lists them
 POLICY_TYPES = ("Ingress", "Egress")
 MAX_ANNOTATIONS_BYTES = 256 * 1024
 
@@ -497,27 +497,11 @@ def _default(obj: Obj, kind: Kind) -> Obj:
         meta.pop("namespace", None)  # the API server drops it on cluster-scoped kinds
     spec = out.get("spec")
     if kind is NAMESPACE:
-        name = meta.get("name")
-        labels = meta.get("labels")
-        if isinstance(name, str) and not dns1123_label(name) and isinstance(labels, dict | None):
-            # always the name, whatever was given: namespaceSelectors rely on it
-            meta["labels"] = {**(labels or {}), NAMESPACE_NAME_LABEL: name}
+        _default_namespace_labels(meta)
     elif kind is POD and isinstance(spec, dict):
-        for field in ("containers", "initContainers"):
-            for container in spec.get(field) or []:
-                if isinstance(container, dict):
-                    _default_protocols(container.get("ports"))
+        _default_pod(spec)
     elif kind is NETWORK_POLICY and isinstance(spec, dict):
-        if "podSelector" in spec and spec["podSelector"] is None:
-            spec["podSelector"] = {}
-        for direction in ("ingress", "egress"):
-            for rule in spec.get(direction) or []:
-                if isinstance(rule, dict):
-                    _default_protocols(rule.get("ports"))
-        if not spec.get("policyTypes"):
-            # SetDefaults_NetworkPolicy: Ingress always, Egress when there are egress rules
-            egress = spec.get("egress")
-            spec["policyTypes"] = ["Ingress", "Egress"] if isinstance(egress, list) and egress else ["Ingress"]
+        _default_network_policy(spec)
     elif kind is IP_POOL and isinstance(spec, dict) and spec.get("blockSize") is None:
         # written down, so that a later change of the default cannot change a pool's blocks
         try:
@@ -525,6 +509,34 @@ def _default(obj: Obj, kind: Kind) -> Obj:
         except PoolError:
             pass
     return out
+
+
+def _default_namespace_labels(meta: dict[str, Any]) -> None:
+    name = meta.get("name")
+    labels = meta.get("labels")
+    if isinstance(name, str) and not dns1123_label(name) and isinstance(labels, dict | None):
+        # always the name, whatever was given: namespaceSelectors rely on it
+        meta["labels"] = {**(labels or {}), NAMESPACE_NAME_LABEL: name}
+
+
+def _default_pod(spec: dict[str, Any]) -> None:
+    for field in ("containers", "initContainers"):
+        for container in spec.get(field) or []:
+            if isinstance(container, dict):
+                _default_protocols(container.get("ports"))
+
+
+def _default_network_policy(spec: dict[str, Any]) -> None:
+    if "podSelector" in spec and spec["podSelector"] is None:
+        spec["podSelector"] = {}
+    for direction in ("ingress", "egress"):
+        for rule in spec.get(direction) or []:
+            if isinstance(rule, dict):
+                _default_protocols(rule.get("ports"))
+    if not spec.get("policyTypes"):
+        # SetDefaults_NetworkPolicy: Ingress always, Egress when there are egress rules
+        egress = spec.get("egress")
+        spec["policyTypes"] = ["Ingress", "Egress"] if isinstance(egress, list) and egress else ["Ingress"]
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -565,39 +577,45 @@ def _validate_container(raw: Any, path: str, names: set[str], port_names: set[st
     name = errs.string(container.get("name"), f"{path}.name")
     if not name:
         errs.append(required(f"{path}.name"))
-    elif msgs := dns1123_label(name):
-        errs += [invalid(f"{path}.name", name, msg) for msg in msgs]
-    elif name in names:
-        errs.append(duplicate(f"{path}.name", name))
     else:
-        names.add(name)
+        _validate_unique_name(name, f"{path}.name", dns1123_label, names, errs)
     if not errs.string(container.get("image"), f"{path}.image"):
         errs.append(required(f"{path}.image"))
     for j, raw_port in enumerate(errs.array(container.get("ports"), f"{path}.ports")):
-        here = f"{path}.ports[{j}]"
-        port = errs.object(raw_port, here)
-        if port is None:
-            errs.append(required(here))
-            continue
-        pname = errs.string(port.get("name"), f"{here}.name")
-        if pname:
-            if msgs := port_name(pname):
-                errs += [invalid(f"{here}.name", pname, msg) for msg in msgs]
-            elif pname in port_names:
-                errs.append(duplicate(f"{here}.name", pname))
-            else:
-                port_names.add(pname)
-        number = errs.integer(port.get("containerPort"), f"{here}.containerPort")
-        if "containerPort" not in port or number == 0:
-            errs.append(required(f"{here}.containerPort"))
-        elif number is not None:
-            errs += [invalid(f"{here}.containerPort", number, msg) for msg in port_number(number)]
-        host_port = errs.integer(port.get("hostPort"), f"{here}.hostPort")
-        if host_port:
-            errs += [invalid(f"{here}.hostPort", host_port, msg) for msg in port_number(host_port)]
-        protocol = port.get("protocol")
-        if protocol not in PROTOCOLS:
-            errs.append(not_supported(f"{here}.protocol", protocol, PROTOCOLS))
+        _validate_container_port(raw_port, f"{path}.ports[{j}]", port_names, errs)
+
+
+def _validate_unique_name(
+    name: str, path: str, check: Callable[[str], list[str]], seen: set[str], errs: _Errors
+) -> None:
+    """A name that must pass `check` and not be in `seen`; a valid new one is added to `seen`."""
+    if msgs := check(name):
+        errs += [invalid(path, name, msg) for msg in msgs]
+    elif name in seen:
+        errs.append(duplicate(path, name))
+    else:
+        seen.add(name)
+
+
+def _validate_container_port(raw: Any, path: str, port_names: set[str], errs: _Errors) -> None:
+    port = errs.object(raw, path)
+    if port is None:
+        errs.append(required(path))
+        return
+    name = errs.string(port.get("name"), f"{path}.name")
+    if name:  # optional; when given, unique across the pod's containers
+        _validate_unique_name(name, f"{path}.name", port_name, port_names, errs)
+    number = errs.integer(port.get("containerPort"), f"{path}.containerPort")
+    if "containerPort" not in port or number == 0:
+        errs.append(required(f"{path}.containerPort"))
+    elif number is not None:
+        errs += [invalid(f"{path}.containerPort", number, msg) for msg in port_number(number)]
+    host_port = errs.integer(port.get("hostPort"), f"{path}.hostPort")
+    if host_port:
+        errs += [invalid(f"{path}.hostPort", host_port, msg) for msg in port_number(host_port)]
+    protocol = port.get("protocol")
+    if protocol not in KUBERNETES_PROTOCOL_NAMES:
+        errs.append(not_supported(f"{path}.protocol", protocol, KUBERNETES_PROTOCOL_NAMES))
 
 
 def _validate_pod(spec: dict[str, Any], errs: _Errors) -> None:
@@ -617,8 +635,8 @@ def _validate_policy_port(raw: Any, path: str, errs: _Errors) -> None:
     if port is None:
         return
     protocol = port.get("protocol")
-    if protocol not in PROTOCOLS:
-        errs.append(not_supported(f"{path}.protocol", protocol, PROTOCOLS))
+    if protocol not in KUBERNETES_PROTOCOL_NAMES:
+        errs.append(not_supported(f"{path}.protocol", protocol, KUBERNETES_PROTOCOL_NAMES))
     value = port.get("port")
     end = errs.integer(port.get("endPort"), f"{path}.endPort")
     if value is None:

@@ -38,6 +38,7 @@ from tulle.policy.inputs import (
     Labels,
     Namespace,
     Peer,
+    Pod,
     PodPeer,
     Policy,
     PolicyInputs,
@@ -287,32 +288,17 @@ def _segments(
 def _assign_atoms(
     segments: Mapping[int, list[tuple[int, int, Signature]]], previous: PolicyModel | None
 ) -> dict[Signature, int]:
-    order: dict[Signature, list[tuple[int, int]]] = {}  # signature -> (family, first) of its pieces
-    for family, pieces in segments.items():
-        for first, _, sig in pieces:
-            order.setdefault(sig, []).append((family, first))
-    assigned: dict[Signature, int] = {EMPTY_SIGNATURE: 0}
-    used = {0}
-    before = previous.signatures if previous is not None else {}
-    pending: list[Signature] = []
-    for sig in order:
+    pieces: dict[Signature, list[tuple[int, int]]] = {}  # signature -> (family, first) of its pieces
+    for family, family_segments in segments.items():
+        for first, _, sig in family_segments:
+            pieces.setdefault(sig, []).append((family, first))
+    assigned = _keep_previous_ids(pieces, previous)
+    used = set(assigned.values())
+    free = 1
+    for sig in pieces:
         if sig in assigned:
             continue
-        old = before.get(sig)
-        if old is not None and old not in used:
-            assigned[sig] = old
-            used.add(old)
-        else:
-            pending.append(sig)
-    free = 1
-    for sig in pending:
-        chosen = None
-        if previous is not None:
-            votes = Counter(previous.atom_table(f).lookup(first) for f, first in order[sig])
-            for atom, _ in sorted(votes.items(), key=lambda kv: (-kv[1], kv[0])):
-                if atom not in used:
-                    chosen = atom
-                    break
+        chosen = _id_of_previous_addresses(pieces[sig], previous, used)
         if chosen is None:
             while free in used:
                 free += 1
@@ -322,6 +308,35 @@ def _assign_atoms(
         assigned[sig] = chosen
         used.add(chosen)
     return assigned
+
+
+def _keep_previous_ids(
+    pieces: Mapping[Signature, list[tuple[int, int]]], previous: PolicyModel | None
+) -> dict[Signature, int]:
+    """The signatures that existed in the previous model, with their old ids (and the empty one, 0)."""
+    assigned: dict[Signature, int] = {EMPTY_SIGNATURE: 0}
+    if previous is None:
+        return assigned
+    used = {0}
+    for sig in pieces:
+        old = previous.signatures.get(sig)
+        if sig not in assigned and old is not None and old not in used:
+            assigned[sig] = old
+            used.add(old)
+    return assigned
+
+
+def _id_of_previous_addresses(
+    pieces: list[tuple[int, int]], previous: PolicyModel | None, used: set[int]
+) -> int | None:
+    """The free id most of a new signature's pieces had before, so that their intervals stay as they are."""
+    if previous is None:
+        return None
+    votes = Counter(previous.atom_table(family).lookup(first) for family, first in pieces)
+    for atom, _ in sorted(votes.items(), key=lambda kv: (-kv[1], kv[0])):
+        if atom not in used:
+            return atom
+    return None
 
 
 def _atom_table(family: int, pieces: list[tuple[int, int, Signature]], ids: Mapping[Signature, int]) -> AtomTable:
@@ -398,42 +413,96 @@ def compile_policies(inputs: PolicyInputs, previous: PolicyModel | None = None) 
     0
     """
     warnings = list(inputs.warnings)
-    pods = inputs.pods
-    group_ids: dict[tuple[str, Labels], int] = {}
-    pod_group = [group_ids.setdefault((pod.namespace, pod.labels), len(group_ids)) for pod in pods]
-    selection = _Selection(inputs.namespaces, list(group_ids))
+    groups = _PodGroups(inputs.pods)
+    selection = _Selection(inputs.namespaces, groups.keys)
+    peers = _PeersInRules.of(inputs.policies)
+    group_signature = _group_signatures(selection, peers.pods, len(groups.keys))
+    owner, points = _address_points(inputs.pods, groups, group_signature, peers.egress_port_names, warnings)
 
-    pod_peers: set[PodPeer] = set()
-    cidr_peers: dict[int, set[CidrPeer]] = {4: set(), 6: set()}
-    egress_names: set[tuple[str, int]] = set()
-    for policy in inputs.policies:
-        for direction, rules in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
-            for rule in rules:
-                for peer in rule.peers:
-                    if isinstance(peer, PodPeer):
-                        pod_peers.add(peer)
-                    elif not _universal(peer):
-                        cidr_peers[peer.family].add(peer)
-                if direction == EGRESS:
-                    egress_names.update((p.name, p.protocol) for p in rule.ports if p.name)
+    segments = {f: _segments(f, list(peers.cidrs[f]), points[f]) for f in FAMILIES}
+    ids = _assign_atoms(segments, previous)
+    tables = {f: _atom_table(f, segments[f], ids) for f in FAMILIES}
+    peer_atoms, named_ports = _atoms_of_peers(segments, ids)
 
-    # Which pod peers hold for each group: once per distinct selection, not per peer.
+    policies, isolating = _compile_rules(inputs.policies, _RuleCompiler(peer_atoms), selection, len(groups.keys))
+    return PolicyModel(
+        atoms_v4=tables[4],
+        atoms_v6=tables[6],
+        signatures=ids,
+        named_ports=named_ports,
+        pods=_pod_policies(inputs.pods, groups, isolating),
+        addresses={address: inputs.pods[i].key for address, i in owner.items()},
+        policies=policies,
+        warnings=tuple(warnings),
+    )
+
+
+class _PodGroups:
+    """Pods that share namespace and labels: no selector tells them apart, so they are selected once."""
+
+    def __init__(self, pods: Sequence[Pod]) -> None:
+        ids: dict[tuple[str, Labels], int] = {}
+        self.of_pod = [ids.setdefault((pod.namespace, pod.labels), len(ids)) for pod in pods]  # pod index -> group
+        self.keys = list(ids)  # group -> (namespace, labels)
+
+
+@dataclass
+class _PeersInRules:
+    """Every distinct peer the policies' rules name, and the port names their egress rules use."""
+
+    pods: set[PodPeer] = field(default_factory=set)
+    cidrs: dict[int, set[CidrPeer]] = field(default_factory=lambda: {4: set(), 6: set()})  # universal ones left out
+    egress_port_names: set[tuple[str, int]] = field(default_factory=set)  # (name, protocol)
+
+    @classmethod
+    def of(cls, policies: Sequence[Policy]) -> _PeersInRules:
+        out = cls()
+        for policy in policies:
+            for direction, rules in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
+                for rule in rules:
+                    out._add(direction, rule)
+        return out
+
+    def _add(self, direction: str, rule: Rule) -> None:
+        for peer in rule.peers:
+            if isinstance(peer, PodPeer):
+                self.pods.add(peer)
+            elif not _universal(peer):
+                self.cidrs[peer.family].add(peer)
+        if direction == EGRESS:
+            self.egress_port_names.update((p.name, p.protocol) for p in rule.ports if p.name)
+
+
+def _group_signatures(selection: _Selection, pod_peers: set[PodPeer], group_count: int) -> list[frozenset[Peer]]:
+    """Which pod peers hold for each group: evaluated once per distinct selection, not per peer."""
     by_mask: dict[int, list[PodPeer]] = {}
     for peer in pod_peers:
         mask = selection.pods(peer.namespace, peer.namespace_selector, peer.pod_selector)
         if mask:
             by_mask.setdefault(mask, []).append(peer)
-    group_peers: list[list[PodPeer]] = [[] for _ in group_ids]
+    group_peers: list[list[PodPeer]] = [[] for _ in range(group_count)]
     for mask, peers in by_mask.items():
         for gid in bits(mask):
             group_peers[gid].extend(peers)
-    group_signature: list[frozenset[Peer]] = [frozenset(p) for p in group_peers]
+    return [frozenset(p) for p in group_peers]
 
+
+def _address_points(
+    pods: Sequence[Pod],
+    groups: _PodGroups,
+    group_signature: Sequence[frozenset[Peer]],
+    egress_port_names: set[tuple[str, int]],
+    warnings: list[str],
+) -> tuple[dict[str, int], dict[int, dict[int, Signature]]]:
+    """Who owns each pod address (address -> pod index), and the signature at each address per family.
+
+    An address two pods claim stays the first one's; the second claim is a warning.
+    """
     owner: dict[str, int] = {}
     points: dict[int, dict[int, Signature]] = {4: {}, 6: {}}
     for i, pod in enumerate(pods):
         resolution: Resolution = frozenset(
-            (n.name, n.protocol, n.port) for n in pod.named_ports if (n.name, n.protocol) in egress_names
+            (n.name, n.protocol, n.port) for n in pod.named_ports if (n.name, n.protocol) in egress_port_names
         )
         for address in pod.addresses:
             if address in owner:
@@ -444,11 +513,14 @@ def compile_policies(inputs: PolicyInputs, previous: PolicyModel | None = None) 
                 continue
             owner[address] = i
             ip = ipaddress.ip_address(address)
-            points[ip.version][int(ip)] = (group_signature[pod_group[i]], resolution)
+            points[ip.version][int(ip)] = (group_signature[groups.of_pod[i]], resolution)
+    return owner, points
 
-    segments = {f: _segments(f, list(cidr_peers[f]), points[f]) for f in FAMILIES}
-    ids = _assign_atoms(segments, previous)
-    tables = {f: _atom_table(f, segments[f], ids) for f in FAMILIES}
+
+def _atoms_of_peers(
+    segments: Mapping[int, list[tuple[int, int, Signature]]], ids: Mapping[Signature, int]
+) -> tuple[dict[int, dict[Peer, set[int]]], dict[int, Resolution]]:
+    """Per family, the atoms each peer holds for; and the named ports of each atom that has some."""
     peer_atoms: dict[int, dict[Peer, set[int]]] = {4: {}, 6: {}}
     named_ports: dict[int, Resolution] = {}
     for family in FAMILIES:
@@ -458,14 +530,18 @@ def compile_policies(inputs: PolicyInputs, previous: PolicyModel | None = None) 
                 peer_atoms[family].setdefault(peer, set()).add(atom)
             if sig[1]:
                 named_ports[atom] = sig[1]
+    return peer_atoms, named_ports
 
-    compiler = _RuleCompiler(peer_atoms)
-    policies: dict[str, CompiledPolicy] = {}
-    group_ingress: list[list[str]] = [[] for _ in group_ids]
-    group_egress: list[list[str]] = [[] for _ in group_ids]
-    for policy in inputs.policies:
+
+def _compile_rules(
+    policies: Sequence[Policy], compiler: _RuleCompiler, selection: _Selection, group_count: int
+) -> tuple[dict[str, CompiledPolicy], dict[str, list[list[str]]]]:
+    """The compiled policies, and per direction and group the keys of the policies isolating it, in order."""
+    compiled: dict[str, CompiledPolicy] = {}
+    isolating: dict[str, list[list[str]]] = {d: [[] for _ in range(group_count)] for d in DIRECTIONS}
+    for policy in policies:
         has_ingress, has_egress = TYPE_INGRESS in policy.types, TYPE_EGRESS in policy.types
-        policies[policy.key] = CompiledPolicy(
+        compiled[policy.key] = CompiledPolicy(
             namespace=policy.namespace,
             name=policy.name,
             pod_selector=policy.pod_selector.text(),
@@ -474,30 +550,25 @@ def compile_policies(inputs: PolicyInputs, previous: PolicyModel | None = None) 
         )
         for gid in bits(selection.pods(policy.namespace, None, policy.pod_selector)):
             if has_ingress:
-                group_ingress[gid].append(policy.key)
+                isolating[INGRESS][gid].append(policy.key)
             if has_egress:
-                group_egress[gid].append(policy.key)
+                isolating[EGRESS][gid].append(policy.key)
+    return compiled, isolating
 
-    ingress_keys = [tuple(keys) for keys in group_ingress]
-    egress_keys = [tuple(keys) for keys in group_egress]
-    compiled_pods = {
+
+def _pod_policies(
+    pods: Sequence[Pod], groups: _PodGroups, isolating: Mapping[str, list[list[str]]]
+) -> dict[str, PodPolicy]:
+    ingress_keys = [tuple(keys) for keys in isolating[INGRESS]]
+    egress_keys = [tuple(keys) for keys in isolating[EGRESS]]
+    return {
         pod.key: PodPolicy(
             namespace=pod.namespace,
             name=pod.name,
             addresses=pod.addresses,
             named_ports=frozenset((n.name, n.protocol, n.port) for n in pod.named_ports),
-            ingress=ingress_keys[pod_group[i]],
-            egress=egress_keys[pod_group[i]],
+            ingress=ingress_keys[groups.of_pod[i]],
+            egress=egress_keys[groups.of_pod[i]],
         )
         for i, pod in enumerate(pods)
     }
-    return PolicyModel(
-        atoms_v4=tables[4],
-        atoms_v6=tables[6],
-        signatures=ids,
-        named_ports=named_ports,
-        pods=compiled_pods,
-        addresses={address: pods[i].key for address, i in owner.items()},
-        policies=policies,
-        warnings=tuple(warnings),
-    )

@@ -44,11 +44,11 @@ forward chain: Kubernetes allows it whatever the policies say.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from tulle.kernelstate.nft import NftChain, NftSet, NftTable, Rule
-from tulle.policy.compiler import DIRECTIONS, EGRESS, FAMILIES, INGRESS, PodPolicy, PolicyModel
+from tulle.policy.compiler import DIRECTIONS, EGRESS, FAMILIES, INGRESS, CompiledPort, PodPolicy, PolicyModel
 from tulle.policy.verdict import port_ranges
 
 
@@ -182,6 +182,14 @@ class _Allowed:
         self.peer_all: set[int] = set()  # atoms
         self.peer_ports: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (atom, protocol) -> ranges
 
+    def from_anyone(self, ranges: Iterable[tuple[int, int, int]]) -> None:
+        for protocol, lo, hi in ranges:
+            self.anyone.setdefault(protocol, []).append((lo, hi))
+
+    def from_peer(self, atom: int, ranges: Iterable[tuple[int, int, int]]) -> None:
+        for protocol, lo, hi in ranges:
+            self.peer_ports.setdefault((atom, protocol), []).append((lo, hi))
+
 
 def _named_port_atoms(model: PolicyModel, family: int) -> dict[tuple[str, int], list[tuple[int, int]]]:
     """(name, protocol) -> [(atom, port)] over the family's atoms, for egress to anyone by port name."""
@@ -205,39 +213,49 @@ def _allowed(
     for rule in model.rules(pod, direction):
         peers = rule.peers(family)
         if peers is not None and not peers:
-            continue
+            continue  # no peer of this family: the rule allows nothing here
         if rule.ports is None:
             if peers is None:
                 out.open = True
                 return out
             out.peer_all |= peers
-            continue
-        if direction == INGRESS:
-            # Named ports are the local destination's: resolved once, for every peer.
-            ranges = port_ranges(rule.ports, pod.named_ports)
-            if peers is None:
-                for protocol, lo, hi in ranges:
-                    out.anyone.setdefault(protocol, []).append((lo, hi))
-            else:
-                for atom in peers:
-                    for protocol, lo, hi in ranges:
-                        out.peer_ports.setdefault((atom, protocol), []).append((lo, hi))
-            continue
-        # Egress: numbered ports hold for any destination, named ones per destination atom.
-        numbered = port_ranges([p for p in rule.ports if not p.name], frozenset())
-        named = [p for p in rule.ports if p.name]
-        if peers is None:
-            for protocol, lo, hi in numbered:
-                out.anyone.setdefault(protocol, []).append((lo, hi))
-            for p in named:
-                for atom, number in named_atoms.get((p.name, p.protocol), ()):
-                    out.peer_ports.setdefault((atom, p.protocol), []).append((number, number))
-            continue
-        for atom in peers:
-            ranges = numbered + port_ranges(named, model.named_ports.get(atom, frozenset()))
-            for protocol, lo, hi in ranges:
-                out.peer_ports.setdefault((atom, protocol), []).append((lo, hi))
+        elif direction == INGRESS:
+            _allow_ingress_ports(out, pod, peers, rule.ports)
+        else:
+            _allow_egress_ports(out, model, peers, rule.ports, named_atoms)
     return out
+
+
+def _allow_ingress_ports(
+    out: _Allowed, pod: PodPolicy, peers: frozenset[int] | None, ports: Sequence[CompiledPort]
+) -> None:
+    # Named ports are the local destination's: resolved once, for every peer.
+    ranges = port_ranges(ports, pod.named_ports)
+    if peers is None:
+        out.from_anyone(ranges)
+        return
+    for atom in peers:
+        out.from_peer(atom, ranges)
+
+
+def _allow_egress_ports(
+    out: _Allowed,
+    model: PolicyModel,
+    peers: frozenset[int] | None,
+    ports: Sequence[CompiledPort],
+    named_atoms: dict[tuple[str, int], list[tuple[int, int]]],
+) -> None:
+    # Numbered ports hold for any destination, named ones per destination atom.
+    numbered = port_ranges([p for p in ports if not p.name], frozenset())
+    named = [p for p in ports if p.name]
+    if peers is None:
+        out.from_anyone(numbered)
+        for p in named:
+            for atom, number in named_atoms.get((p.name, p.protocol), ()):
+                out.from_peer(atom, [(p.protocol, number, number)])
+        return
+    for atom in peers:
+        out.from_peer(atom, numbered + port_ranges(named, model.named_ports.get(atom, frozenset())))
 
 
 def _local_endpoints(model: PolicyModel, local_ips: Iterable[str]) -> list[tuple[str, int, PodPolicy]]:
@@ -278,43 +296,54 @@ def policy_table(model: PolicyModel, local_ips: Iterable[str]) -> NftTable:
     37
     """
     elements: dict[str, set[Any]] = {}
-
-    def add(name: str, element: Any) -> None:
-        elements.setdefault(name, set()).add(element)
-
     counters: set[str] = set()
     for family in FAMILIES:
-        for first, last, atom in model.atom_table(family).intervals():
-            add(f"atoms_{_v(family)}", (((first, last),), mark(atom)))
+        _add_elements(elements, _atom_elements(model, family))
     named_atoms = {f: _named_port_atoms(model, f) for f in FAMILIES}
     for address, family, pod in _local_endpoints(model, local_ips):
-        v, key = _v(family), int(ipaddress.ip_address(address))
         for d in DIRECTIONS:
             if not pod.isolating(d):
                 continue
-            name = counter_name(d, address)
-            counters.add(name)
-            add(f"{d}_endpoints_{v}", ((key,), ("jump", f"{d}_isolated_{v}")))
-            add(f"{d}_drop_counters_{v}", ((key,), name))
+            counters.add(counter_name(d, address))
             allowed = _allowed(model, pod, d, family, named_atoms[family])
-            if allowed.open:
-                add(f"{d}_open_{v}", (key,))
-                continue
-            for protocol, ranges in allowed.anyone.items():
-                for lo, hi in merge_ranges(ranges):
-                    add(f"{d}_anyone_{v}", ((key, key), (protocol, protocol), (lo, hi)))
-            for atom in allowed.peer_all:
-                add(f"{d}_peer_all_{v}", (key, mark(atom)))
-            for (atom, protocol), ranges in allowed.peer_ports.items():
-                if atom in allowed.peer_all:
-                    continue
-                for lo, hi in merge_ranges(ranges):
-                    add(f"{d}_peer_ports_{v}", ((key, key), _mark_range(atom), (protocol, protocol), (lo, hi)))
+            _add_elements(elements, _endpoint_elements(d, address, allowed))
     sets: dict[str, NftSet] = {}
     for family in FAMILIES:
         for name, s in _sets(family).items():
             sets[name] = NftSet(s.name, s.type, s.flags, s.map, frozenset(elements.get(name, ())))
     return NftTable(chains=policy_chains(), sets=sets, counters=frozenset(counters))
+
+
+def _add_elements(elements: dict[str, set[Any]], new: Iterable[tuple[str, Any]]) -> None:
+    for name, element in new:
+        elements.setdefault(name, set()).add(element)
+
+
+def _atom_elements(model: PolicyModel, family: int) -> Iterator[tuple[str, Any]]:
+    """(set name, element) of the family's atom map: each address interval to its atom's mark."""
+    for first, last, atom in model.atom_table(family).intervals():
+        yield f"atoms_{_v(family)}", (((first, last),), mark(atom))
+
+
+def _endpoint_elements(direction: str, address: str, allowed: _Allowed) -> Iterator[tuple[str, Any]]:
+    """(set name, element) for one isolated endpoint address in one direction: its jump, counter and allows."""
+    ip = ipaddress.ip_address(address)
+    d, v, key = direction, _v(ip.version), int(ip)
+    yield f"{d}_endpoints_{v}", ((key,), ("jump", f"{d}_isolated_{v}"))
+    yield f"{d}_drop_counters_{v}", ((key,), counter_name(d, address))
+    if allowed.open:
+        yield f"{d}_open_{v}", (key,)
+        return  # every other allow is already in this one
+    for protocol, ranges in allowed.anyone.items():
+        for lo, hi in merge_ranges(ranges):
+            yield f"{d}_anyone_{v}", ((key, key), (protocol, protocol), (lo, hi))
+    for atom in allowed.peer_all:
+        yield f"{d}_peer_all_{v}", (key, mark(atom))
+    for (atom, protocol), ranges in allowed.peer_ports.items():
+        if atom in allowed.peer_all:
+            continue  # all ports from that peer already
+        for lo, hi in merge_ranges(ranges):
+            yield f"{d}_peer_ports_{v}", ((key, key), _mark_range(atom), (protocol, protocol), (lo, hi))
 
 
 def drop_counters(model: PolicyModel, local_ips: Iterable[str]) -> dict[str, tuple[str, str]]:

@@ -168,7 +168,7 @@ def _address(value: Any, where: str) -> str:
     try:
         return str(ipaddress.ip_interface(value).ip)  # tolerate "10.1.2.3/32"
     except ValueError:
-        raise Malformed(f"{where}: {value!r} is not an IP address")
+        raise Malformed(f"{where}: {value!r} is not an IP address") from None
 
 
 def parse_namespace(obj: Any) -> Namespace:
@@ -279,7 +279,7 @@ def _selector(value: Any, where: str) -> LabelSelector:
     try:
         return parse_selector(value, where)
     except SelectorError as exc:
-        raise Malformed(str(exc))
+        raise Malformed(str(exc)) from None
 
 
 def _peer(obj: Any, namespace: str, where: str) -> Peer:
@@ -306,7 +306,7 @@ def _cidr_peer(obj: Any, where: str) -> CidrPeer:
         net = ipaddress.ip_network(obj["cidr"], strict=False)
         excepts = [ipaddress.ip_network(e, strict=False) for e in obj.get("except") or []]
     except (ValueError, TypeError) as exc:
-        raise Malformed(f"{where}: {exc}")
+        raise Malformed(f"{where}: {exc}") from None
     for e in excepts:
         # NetworkPolicy validation: each except must be a strict subset of cidr.
         if e.version != net.version or not e.subnet_of(net) or e == net:  # type: ignore[arg-type]

@@ -13,8 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from tulle.model.protocols import PROTOCOL_NAMES
-from tulle.model.protocols import PROTOCOL_NUMBERS as PROTOCOL_NUMBERS  # re-exported for cli/policy_cmd.py
+from tulle.model.protocols import PROTOCOL_NAMES, PROTOCOL_NUMBERS
 from tulle.policy.compiler import EGRESS, INGRESS, PolicyModel, canonical_address
 from tulle.policy.verdict import (
     DirectionVerdict,
@@ -40,7 +39,7 @@ def protocol_number(protocol: str | int) -> int:
         try:
             found = socket.getprotobyname(protocol.lower())
         except OSError:
-            raise ValueError(f"unknown protocol {protocol!r} (use TCP, UDP, SCTP or ICMP)")
+            raise ValueError(f"unknown protocol {protocol!r} (use TCP, UDP, SCTP or ICMP)") from None
     return found
 
 
