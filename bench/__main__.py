@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 
 DEFAULT = ["throughput", "cni", "agent", "policy", "idle"]
@@ -26,6 +27,9 @@ def _sizes(value: str) -> list[int]:
 
 
 def main() -> None:
+    # The library's log lines (a datastore going away as a lab is torn down) are the agent's to
+    # print; a benchmark prints its tables.
+    logging.getLogger().addHandler(logging.NullHandler())
     parser = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
         "names", nargs="*", choices=[*BENCHMARKS, []][:-1] or None, help="default: " + " ".join(DEFAULT)
