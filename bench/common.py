@@ -51,24 +51,6 @@ def stop_child(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: f
         proc.wait()
 
 
-def stop_pid(pid: int, timeout: float = 10.0) -> None:
-    """Stop a process by its PID (not a child of this one): SIGTERM, then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        return
-            except FileNotFoundError:
-                return
-            time.sleep(0.05)
-
-
 def run(netns_path: str, argv: list[str], timeout: float = 120) -> str:
     proc = subprocess.run(["nsenter", f"--net={netns_path}", *argv], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -11,18 +11,8 @@ stable on this shared VM where throughput moves by ±20%.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-
-from .common import iperf3_run
-from .throughput import ROUNDS, CpuPerGb, build_paths
+from .throughput import ROUNDS, interleaved_rounds
 
 
 def main(seconds: int = 5, rounds: int = ROUNDS) -> None:
-    cpu = CpuPerGb()
-    with ExitStack() as stack:
-        paths = build_paths(stack)
-        for _ in range(rounds):
-            cpu.idle_window(seconds)
-            for label, (client, server, address) in paths.items():
-                cpu.add(label, iperf3_run(client, server, address, seconds))
-    cpu.print_table(seconds, rounds)
+    interleaved_rounds(seconds, rounds, latency=False).cpu.print_table(seconds, rounds)

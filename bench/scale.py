@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tulle.lab.cluster import Lab
+from tulle.lab.etcd_server import stop_pid
 from tulle.lab.state import load
 
-from .common import bench_name, cpu_seconds, median, sample_cpu, stop_child, stop_pid, table, verdict, wait_quiet
+from .common import bench_name, cpu_seconds, median, sample_cpu, stop_child, table, verdict, wait_quiet
 
 RESYNC_S = 600  # periodic full resyncs out of the way: they are measured by `bench idle`
 

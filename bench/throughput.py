@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 from tulle.lab.cluster import Lab
 from tulle.lab.state import load
@@ -159,22 +160,40 @@ def _median_and_range(ratios: list[float]) -> str:
     return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def main(seconds: int = 5, rounds: int = ROUNDS) -> None:
-    gbits: dict[str, list[float]] = {}
-    p50: dict[str, list[float]] = {}
-    p99: dict[str, list[float]] = {}
-    cpu = CpuPerGb()
+@dataclass
+class Rounds:
+    """What interleaved rounds over every path measured: per path, one figure a round."""
+
+    labels: list[str]
+    cpu: CpuPerGb
+    gbits: dict[str, list[float]]
+    p50: dict[str, list[float]]
+    p99: dict[str, list[float]]
+
+
+def interleaved_rounds(seconds: int, rounds: int, latency: bool = True) -> Rounds:
+    """Every path once a round (iperf3, and sockperf when `latency`), rounds one after another,
+    so that the machine's drift over minutes falls on all paths alike."""
+    out = Rounds([], CpuPerGb(), {}, {}, {})
     with ExitStack() as stack:
         paths = build_paths(stack)
+        out.labels = list(paths)
         for _ in range(rounds):
-            cpu.idle_window(seconds)
+            out.cpu.idle_window(seconds)
             for label, (client, server, address) in paths.items():
                 run = iperf3_run(client, server, address, seconds)
-                gbits.setdefault(label, []).append(run.gbits)
-                cpu.add(label, run)
-                lat = sockperf_rr(client, server, address, seconds)
-                p50.setdefault(label, []).append(lat.p50)
-                p99.setdefault(label, []).append(lat.p99)
+                out.gbits.setdefault(label, []).append(run.gbits)
+                out.cpu.add(label, run)
+                if latency:
+                    lat = sockperf_rr(client, server, address, seconds)
+                    out.p50.setdefault(label, []).append(lat.p50)
+                    out.p99.setdefault(label, []).append(lat.p99)
+    return out
+
+
+def main(seconds: int = 5, rounds: int = ROUNDS) -> None:
+    measured = interleaved_rounds(seconds, rounds)
+    gbits, p50, p99, cpu, paths = measured.gbits, measured.p50, measured.p99, measured.cpu, measured.labels
     rows = []
     for label in paths:
         ratios = _ratios(gbits, label, BASELINE)

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.lablib import wait_until
 from tulle.agent.cni_service import CniContext, CniService
 from tulle.agent.controller import FULL
 from tulle.agent.endpoints import EndpointRegistry
@@ -50,15 +51,6 @@ from tulle.routing.compile import LocalNode, VxlanEndpoint, vxlan_mac
 
 POOLS = [parse_pool(pool_object("v4", "10.244.0.0/16", 26)), parse_pool(pool_object("v6", "fd00:10:244::/104", 122))]
 UNDERLAY = Underlay("uplink", ("172.30.1.11/24", "fd00:172:30:1::11/64"), 1500)
-
-
-def settle(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 @dataclass
@@ -149,7 +141,7 @@ def test_a_remote_node_joining_costs_the_work_of_that_node_alone(cluster: Cluste
     synced = routes.synced_keys
     cluster.remote_node("joiner", 150)
     inf = cluster.informers
-    assert settle(lambda: inf.nodes.get("joiner") is not None and inf.blocks.by_index("node", "joiner"))
+    assert wait_until(lambda: inf.nodes.get("joiner") is not None and inf.blocks.by_index("node", "joiner"))
     routes.run_pending()
     assert routes.synced_keys - synced == 1  # one key: the node; its block and Node events coalesced
     [change] = written.changes
@@ -164,7 +156,7 @@ def test_a_remote_node_joining_costs_the_work_of_that_node_alone(cluster: Cluste
     assert written.changes == []
     # the node leaves: its entries go, no one else's
     cluster.ds.delete(NODE, "joiner")
-    assert settle(lambda: routes._queued)
+    assert wait_until(lambda: routes._queued)
     routes.run_pending()
     [change] = written.changes
     assert not change.routes_add and len(change.routes_remove) == 1 and len(change.fdb_remove) == 1
@@ -196,10 +188,10 @@ def test_a_deleted_node_object_is_registered_again_but_a_silent_agent_keeps_it(c
     node.register()
     node.heartbeat.start()
     assert "me" in cluster.ds.live_nodes()
-    assert settle(lambda: "me" not in cluster.ds.live_nodes(), timeout=5)  # silent past its TTL
+    assert wait_until(lambda: "me" not in cluster.ds.live_nodes(), timeout=5)  # silent past its TTL
     assert cluster.ds.get(NODE, "me") is not None  # liveness is reported, never acted on
     cluster.ds.delete(NODE, "me")
-    assert settle(lambda: FULL in node._queued)
+    assert wait_until(lambda: FULL in node._queued)
     node.run_pending()
     assert cluster.ds.get(NODE, "me") is not None
 
@@ -229,7 +221,7 @@ def test_blocks_of_a_silent_node_stay_and_a_removed_nodes_go_after_the_grace(clu
     ipam.sync(FULL)
     assert ipam.tunnels and ipam.families() == [4, 6]
     cluster.ds.delete(NODE, "removed")
-    assert settle(lambda: GONE in ipam._queued)
+    assert wait_until(lambda: GONE in ipam._queued)
     ipam.run_pending()
     assert {b.node for b in list_blocks(cluster.ds)} == {"me", "silent", "removed"}  # within the grace
     time.sleep(0.4)
@@ -392,7 +384,7 @@ def test_the_policy_model_is_compiled_only_when_its_inputs_change(cluster: Clust
     policy.sync(FULL)  # a periodic resync with nothing new
     assert policy.model is first
     cluster.ds.create(endpoint("web", "b", "other", ["10.244.9.9"]))
-    assert settle(lambda: policy._queued)
+    assert wait_until(lambda: policy._queued)
     policy.run_pending()
     assert policy.model is not first
     assert policy.model is not None and policy.model.addresses == {"10.244.9.9": "web/b"}
@@ -404,7 +396,7 @@ def test_pools_that_overlap_are_refused_and_the_last_good_ones_kept(cluster: Clu
     ipam = ipam_controller(cluster, EndpointRegistry(str(tmp_path)))
     assert [p.name for p in ipam.load_pools()] == ["v4", "v6"]
     cluster.ds.create(pool_object("clash", "10.244.128.0/17", 26))
-    assert settle(lambda: len(cluster.informers.pools.values()) == 3)
+    assert wait_until(lambda: len(cluster.informers.pools.values()) == 3)
     assert [p.name for p in ipam.load_pools()] == ["v4", "v6"]
 
 

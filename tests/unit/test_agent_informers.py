@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.lablib import wait_until
 from tulle.agent.controller import FULL, Controller
 from tulle.agent.informers import Informer
 from tulle.datastore.base import Datastore, Obj
@@ -58,15 +59,6 @@ class Recorder:
         self.changes.append((key, old, new))
 
 
-def settle(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
 @pytest.fixture
 def pods(ds: Datastore) -> Iterator[Informer[str]]:
     informer: Informer[str] = Informer(ds, POD, node_of)
@@ -88,7 +80,7 @@ def test_an_informer_decodes_once_indexes_and_tells_its_handlers(ds: Datastore, 
     moved["spec"]["nodeName"] = "n2"
     ds.update(moved)
     ds.delete(POD, "b", "web")
-    assert settle(lambda: len(seen.changes) == 4)
+    assert wait_until(lambda: len(seen.changes) == 4)
     assert seen.changes[1:] == [("web/b", None, "n2"), ("web/a", "n1", "n2"), ("web/b", "n2", None)]
     assert pods.by_index("node", "n2") == ["n2"] and pods.by_index("node", "n1") == []
 
@@ -104,7 +96,7 @@ def test_an_update_that_changes_nothing_the_reader_uses_is_not_a_change(ds: Data
     obj["metadata"]["labels"] = {"x": "y"}  # the decoded value (the node) stays the same
     ds.update(obj)
     ds.create(pod("z"))
-    assert settle(lambda: len(seen.changes) == 2)
+    assert wait_until(lambda: len(seen.changes) == 2)
     assert [c[0] for c in seen.changes] == ["web/a", "web/z"]
 
 
@@ -113,7 +105,7 @@ def test_a_malformed_object_is_absent_and_stops_nothing(ds: Datastore, pods: Inf
     pods.start()
     assert pods.wait_synced(5)
     ds.create(pod("good"))
-    assert settle(lambda: pods.get("web/good") == "n1")
+    assert wait_until(lambda: pods.get("web/good") == "n1")
     assert pods.get("web/bad1") is None
 
 
@@ -150,7 +142,7 @@ def test_after_a_broken_watch_the_informer_lists_again_and_hears_only_difference
     if fault == "outage":
         time.sleep(0.3)
         server.set_reachable(True)
-    assert settle(lambda: pods.lists > lists and len(seen.changes) >= 3, timeout=10)
+    assert wait_until(lambda: pods.lists > lists and len(seen.changes) >= 3, timeout=10)
     assert sorted(seen.changes) == [("web/change", "n1", "n9"), ("web/drop", "n1", None), ("web/new", None, "n1")]
     assert dict(pods.items()) == {"web/keep": "n1", "web/change": "n9", "web/new": "n1"}
 
@@ -181,7 +173,7 @@ def test_a_failed_sync_is_tried_again_and_its_error_reported_until_it_works() ->
     c.start()
     try:
         c.enqueue("k")
-        assert settle(lambda: c.synced == ["k"], timeout=5)
+        assert wait_until(lambda: c.synced == ["k"], timeout=5)
         assert c.last_error == ""
     finally:
         c.stop()

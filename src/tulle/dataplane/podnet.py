@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tulle.dataplane import host
 from tulle.dataplane.netlink import IPRoute
 from tulle.dataplane.netns import NetnsGone, run_in_netns
 
@@ -194,16 +195,7 @@ def create(pod: PodInterface) -> str:
 
 def delete(host_ifname: str) -> bool:
     """Delete the pair by its host side (the pod side goes with it); False if it was not there."""
-    with IPRoute() as ipr:
-        idx = _index(ipr, host_ifname)
-        if idx is None:
-            return False
-        try:
-            ipr.link("del", index=idx)
-        except NetlinkError as exc:
-            if exc.code != errno.ENODEV:  # gone already
-                raise
-        return True
+    return host.delete_links([host_ifname]) == 1
 
 
 def host_side_exists(host_ifname: str) -> bool:
