@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CNI_BIN := bin/cni/tulle
 STAMPS := .make
 
-.PHONY: all deps venv cni demo test unit doctest lint bench chaos clean
+.PHONY: all deps venv cni demo test unit doctest lint bench chaos fuzz clean
 
 all: cni
 
@@ -51,6 +51,12 @@ test: deps venv cni lint doctest
 CHAOS_SECONDS ?= 600
 chaos: deps venv cni
 	CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -q -s tests/e2e/test_chaos.py
+
+# Coverage-guided fuzzing (atheris) of the plugin, admission and the agent's socket protocol:
+# FUZZ_RUNS executions of each (docs/fuzzing.md); `make test` runs a short round of each.
+FUZZ_RUNS ?= 100000
+fuzz: venv cni
+	$(PY) -m tests.fuzz.run --runs $(FUZZ_RUNS) $(FUZZ_ARGS)
 
 bench: deps venv cni
 	$(PY) -m bench $(BENCH_ARGS)

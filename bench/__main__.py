@@ -13,7 +13,7 @@ import logging
 import os
 
 DEFAULT = ["throughput", "cni", "agent", "policy", "idle"]
-BENCHMARKS = [*DEFAULT, "cpu", "scale"]
+BENCHMARKS = [*DEFAULT, "cpu", "scale", "guard"]
 
 
 def _sizes(value: str) -> list[int]:
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.names or DEFAULT:
         module = importlib.import_module(f"bench.{name}")
-        if name in ("throughput", "cpu"):
+        if name in ("throughput", "cpu", "guard"):
             if args.quick:
                 module.main(seconds=args.seconds or 2, rounds=2)
             else:

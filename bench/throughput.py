@@ -49,8 +49,8 @@ SAME_SHAPE = {
 ROUNDS = 5
 
 
-def _lab_paths(lab: Lab, mode: str) -> dict[str, tuple[str, str, str]]:
-    lab.up(nodes=3, mode=mode, ipv4_only=True)
+def _lab_paths(lab: Lab, mode: str, source_verification: bool = True) -> dict[str, tuple[str, str, str]]:
+    lab.up(nodes=3, mode=mode, ipv4_only=True, source_verification=source_verification)
     lab.add_pod("node1", "bench", "client", {}, [])
     lab.add_pod("node2", "bench", "server2", {}, [])
     lab.add_pod("node3", "bench", "server3", {}, [])

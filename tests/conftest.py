@@ -1,4 +1,5 @@
-"""Shared fixtures: a real etcd server on loopback, and per-test datastore prefixes."""
+"""Shared fixtures: a real etcd server on loopback, over TLS with client certificates (a test CA
+of its own), and per-test datastore prefixes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.certlib import start_tls_etcd
 from tulle.datastore.base import Datastore
 from tulle.datastore.factory import open_datastore
-from tulle.lab.etcd_server import EtcdServer, free_port, start_etcd, stop_pid
+from tulle.lab import pki
+from tulle.lab.etcd_server import EtcdServer, stop_pid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNI_BIN_DIR = os.path.join(REPO, "bin", "cni")
@@ -28,19 +31,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
-    """One real etcd for the whole session, on loopback; tests keep apart by key prefix."""
+def session_ca() -> Iterator[pki.Authority]:
+    """The CA of the session's etcd: it signed etcd's certificate and the clients' (tests issue more)."""
+    work = tempfile.mkdtemp(prefix="tulle-test-ca-")
+    try:
+        yield pki.make_authority(os.path.join(work, "pki"), "tulle test CA")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def etcd_server(session_ca: pki.Authority) -> Iterator[EtcdServer]:
+    """One real etcd for the whole session, on loopback, over TLS: it accepts only clients with
+    a certificate of the session's CA, so every test that uses it exercises the TLS client
+    (`etcd_server.client_tls`). The `tulle` command finds the files in $TULLE_DATASTORE_CA,
+    _CERT and _KEY, set for the session as a user would set them. Tests keep apart by key prefix."""
     work = tempfile.mkdtemp(prefix="tulle-test-etcd-")
-    server = start_etcd(
-        data_dir=os.path.join(work, "data"),
-        client_host="127.0.0.1",
-        client_port=free_port(),
-        peer_port=free_port(),
-        log_path=os.path.join(work, "etcd.log"),
-    )
+    client_tls = pki.client_files(session_ca, os.path.join(work, "client"), "/O=tulle/OU=tests")
+    server, _ = start_tls_etcd(session_ca, work, "/O=tulle/OU=test etcd", client_tls)
+    env = {
+        "TULLE_DATASTORE_CA": client_tls.ca,
+        "TULLE_DATASTORE_CERT": client_tls.cert,
+        "TULLE_DATASTORE_KEY": client_tls.key,
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         yield server
     finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         stop_pid(server.pid)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -54,6 +77,6 @@ def prefix() -> str:
 @pytest.fixture
 def store(etcd_server: EtcdServer, prefix: str) -> Iterator[Datastore]:
     """The session's etcd, under this test's own prefix."""
-    ds = open_datastore(etcd_server.url, prefix)
+    ds = open_datastore(etcd_server.url, prefix, tls=etcd_server.client_tls)
     yield ds
     ds.close()

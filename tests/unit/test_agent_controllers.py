@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import RecordingPodNetwork
 from tests.lablib import wait_until
 from tulle.agent.cni_service import CniContext, CniService
 from tulle.agent.controller import FULL
@@ -37,7 +38,6 @@ from tulle.agent.policy_controller import ConnectionCutter, PolicyController
 from tulle.agent.routes_controller import RoutesController, RoutingKernel
 from tulle.dataplane.host import Underlay
 from tulle.dataplane.nft import NftReconciler
-from tulle.dataplane.podnet import PodInterface
 from tulle.dataplane.routing import EntryChange
 from tulle.datastore.base import Datastore, Obj
 from tulle.datastore.factory import open_datastore
@@ -246,25 +246,10 @@ def test_a_removed_nodes_block_stays_while_an_endpoint_holds_an_address_in_it(cl
 # -- CNI ----------------------------------------------------------------------------------------
 
 
-class FakePodNetwork:
-    def __init__(self) -> None:
-        self.made: dict[str, PodInterface] = {}
-
-    def create(self, pod: PodInterface) -> str:
-        self.made[pod.host_ifname] = pod
-        return "02:00:00:00:00:01"
-
-    def delete(self, host_ifname: str) -> bool:
-        return self.made.pop(host_ifname, None) is not None
-
-    def check(self, pod: PodInterface, expect_routes: list[str]) -> list[str]:
-        return [] if pod.host_ifname in self.made else ["gone"]
-
-
 @dataclass
 class Cni:
     service: CniService
-    podnet: FakePodNetwork
+    podnet: RecordingPodNetwork
     registry: EndpointRegistry
     allocator: NodeAllocator
     pending: PendingDeletes
@@ -294,7 +279,7 @@ def cni(cluster: Cluster, tmp_path: Path) -> Cni:
     registry = EndpointRegistry(str(tmp_path / "state"))
     pending = PendingDeletes(str(tmp_path / "state"))
     allocator = NodeAllocator(cluster.ds, "me", lambda: POOLS)
-    podnet = FakePodNetwork()
+    podnet = RecordingPodNetwork()
     isolated: list[int] = []
     ctx = CniContext(
         node="me",
@@ -364,7 +349,7 @@ class FakeNft:
     def __init__(self) -> None:
         self.runs: list[Any] = []
 
-    def list_table(self) -> list[dict[str, Any]] | None:
+    def list_table(self, family: str = "inet", name: str = "tulle") -> list[dict[str, Any]] | None:
         return None
 
     def run(self, commands: list[dict[str, Any]]) -> None:

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +26,15 @@ from ..conftest import CNI_BIN_DIR
 
 PLUGIN = os.path.join(CNI_BIN_DIR, "tulle")
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+# The tests' sockets and state dirs are in pytest's temporary directories: the runtime's
+# environment adds that root to the plugin's /run/tulle and /var/lib/tulle.
+TEST_ROOTS = {"TULLE_CNI_PATH_ROOTS": tempfile.gettempdir()}
 
 
 def run_plugin_process(
     command: str, config: Any, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    full_env = {"CNI_COMMAND": command, "CNI_PATH": CNI_BIN_DIR}
+    full_env = {"CNI_COMMAND": command, "CNI_PATH": CNI_BIN_DIR, **TEST_ROOTS}
     full_env.update(env or {})
     stdin = config if isinstance(config, bytes) else json.dumps(config).encode()
     return subprocess.run([PLUGIN], input=stdin, env=full_env, capture_output=True, timeout=30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -43,9 +44,12 @@ class Backend:
     cut_off: Callable[[], Datastore]  # a client of this backend that cannot reach it
 
 
-def _etcd_compact(url: str) -> None:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 2379, timeout=5)
+def _etcd_compact(server: EtcdServer) -> None:
+    parts = urlsplit(server.url)
+    assert server.client_tls is not None
+    context = ssl.create_default_context(cafile=server.client_tls.ca)
+    context.load_cert_chain(server.client_tls.cert, server.client_tls.key)
+    conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 2379, timeout=5, context=context)
     conn.request("POST", "/v3/kv/range", body=json.dumps({"key": "AA==", "limit": 1}))
     revision = int(json.loads(conn.getresponse().read())["header"]["revision"])
     conn.request("POST", "/v3/kv/compaction", body=json.dumps({"revision": revision, "physical": True}))
@@ -57,11 +61,11 @@ def _etcd_compact(url: str) -> None:
 def backend(request: pytest.FixtureRequest, prefix: str) -> Iterator[Backend]:
     if request.param == "etcd":
         server: EtcdServer = request.getfixturevalue("etcd_server")
-        ds = open_datastore(server.url, prefix)
+        ds = open_datastore(server.url, prefix, tls=server.client_tls)
         yield Backend(
             ds,
-            lambda: _etcd_compact(server.url),
-            lambda: open_datastore(f"http://127.0.0.1:{free_port()}", prefix, timeout=1),
+            lambda: _etcd_compact(server),
+            lambda: open_datastore(f"https://127.0.0.1:{free_port()}", prefix, timeout=1, tls=server.client_tls),
         )
         ds.close()
         return

@@ -22,7 +22,7 @@ from tulle.lab.etcd_server import EtcdServer
 
 @pytest.fixture
 def datastore(etcd_server: EtcdServer) -> Iterator[EtcdClient]:
-    client = EtcdClient(etcd_server.url)
+    client = EtcdClient(etcd_server.url, tls=etcd_server.client_tls)
     yield client
     client.close()
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from tulle.datastore.base import Datastore
+from tulle.datastore.base import Datastore, TlsFiles
 from tulle.datastore.factory import open_datastore
 from tulle.ipam.allocator import Block, IpamError, NodeAllocator, list_blocks, release_node_blocks
+from tulle.lab.etcd_server import EtcdServer
 from tulle.model.kinds import IPAM_BLOCK, Kind
 from tulle.model.pools import Pool, PoolError, check_no_overlap, parse_pool, pool_object
 
@@ -111,10 +112,13 @@ def test_exhausted_pool_says_so(store: Datastore) -> None:
         a.allocate("net/a-extra/eth0", [4])
 
 
-def test_fifty_parallel_allocations_never_share_an_address(store: Datastore, prefix: str) -> None:
+def test_fifty_parallel_allocations_never_share_an_address(
+    store: Datastore, prefix: str, etcd_server: EtcdServer
+) -> None:
     """Invariant 2 under contention: two allocators of one node and of another node race."""
     pools = [pool("v4", "10.14.0.0/24", 27), pool("v6", "fd14::/120", 124)]
-    allocators = [NodeAllocator(open_datastore(store.url, prefix), n, lambda: pools) for n in ("a", "a", "b")]
+    tls = etcd_server.client_tls
+    allocators = [NodeAllocator(open_datastore(store.url, prefix, tls=tls), n, lambda: pools) for n in ("a", "a", "b")]
     results: list[list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -142,8 +146,8 @@ def test_fifty_parallel_allocations_never_share_an_address(store: Datastore, pre
     assert len({str(b.cidr) for b in blocks}) == len(blocks)
 
 
-def _claim(url: str, prefix: str, node: str, barrier: Any, out: Any) -> None:
-    alloc = NodeAllocator(open_datastore(url, prefix), node, lambda: [pool("p", "10.15.0.0/24", 26)])
+def _claim(url: str, tls: TlsFiles | None, prefix: str, node: str, barrier: Any, out: Any) -> None:
+    alloc = NodeAllocator(open_datastore(url, prefix, tls=tls), node, lambda: [pool("p", "10.15.0.0/24", 26)])
     barrier.wait()
     try:
         out.put((node, str(alloc.claim_block(4).cidr)))
@@ -151,13 +155,18 @@ def _claim(url: str, prefix: str, node: str, barrier: Any, out: Any) -> None:
         out.put((node, f"error: {exc}"))
 
 
-def test_n_blocks_and_n_plus_one_agents_behind_a_barrier(store: Datastore, prefix: str) -> None:
+def test_n_blocks_and_n_plus_one_agents_behind_a_barrier(
+    store: Datastore, prefix: str, etcd_server: EtcdServer
+) -> None:
     """Invariant 1: a pool of 4 blocks, 5 agents claiming at the same moment: 4 get one block
     each, the fifth gets a clear error."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(5)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_claim, args=(store.url, prefix, f"n{i}", barrier, out)) for i in range(5)]
+    procs = [
+        ctx.Process(target=_claim, args=(store.url, etcd_server.client_tls, prefix, f"n{i}", barrier, out))
+        for i in range(5)
+    ]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=60) for _ in procs)

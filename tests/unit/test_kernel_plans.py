@@ -148,7 +148,7 @@ class FakeNft:
         self.reads = 0
         self.sent: list[list[dict[str, Any]]] = []
 
-    def list_table(self) -> list[dict[str, Any]] | None:
+    def list_table(self, family: str = "inet", name: str = "tulle") -> list[dict[str, Any]] | None:
         self.reads += 1
         return self.listing
 

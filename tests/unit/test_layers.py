@@ -1,8 +1,8 @@
 """One-way imports: every module under src/tulle imports only from its own layer and the ones before it.
 
-    cni < model < kernelstate < datastore < {ipam, routing, policy} < dataplane < agent < lab < cli
+    cni < model < kernelstate < datastore < {ipam, routing, policy, guard} < dataplane < agent < lab < cli
 
-The compilers (ipam, routing, policy) are one layer and may use each other. On top of the order:
+The compilers (ipam, routing, policy, guard) are one layer and may use each other. On top of the order:
 - cni is the plugin binary's: the standard library only;
 - kernelstate is plain data: the standard library and model only;
 - dataplane, the only code that writes the kernel, takes its input as kernelstate data and from
@@ -25,7 +25,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"model"}),
     frozenset({"kernelstate"}),
     frozenset({"datastore"}),
-    frozenset({"ipam", "routing", "policy"}),
+    frozenset({"ipam", "routing", "policy", "guard"}),
     frozenset({"dataplane"}),
     frozenset({"agent"}),
     frozenset({"lab"}),

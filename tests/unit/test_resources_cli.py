@@ -74,7 +74,7 @@ def write(tmp_path: Any, text: str, name: str = "in.yaml") -> str:
 @pytest.fixture
 def datastore(etcd_server: EtcdServer) -> Any:
     """The session's etcd, key by key: to see that nothing at all was written."""
-    client = EtcdClient(etcd_server.url)
+    client = EtcdClient(etcd_server.url, tls=etcd_server.client_tls)
     yield client
     client.close()
 

@@ -6,6 +6,12 @@ datastore. ADD is all or nothing, and a failed ADD leaves nothing behind (what t
 could not take back is recorded as a pending DEL); DEL is idempotent and never fails for lack
 of state. No address a live endpoint holds is ever given to another pod.
 
+Every request is checked again here, as the plugin checks it and more: the socket is root's, but
+what a request carries comes from a pod's runtime and its CNI_ARGS. A pod's namespace and name
+become the WorkloadEndpoint's key in the datastore (`<prefix>/resources/workloadendpoints/<ns>/<name>`),
+so they are held to the API server's rules for those names; a `/` or `..` could otherwise write
+another kind's key. A request that fails these checks is refused before anything is touched.
+
 The service is handed what it works with (`CniContext`), so it is tested without root with
 the in-memory datastore and a pod network that records what it is asked to do.
 """
@@ -33,6 +39,7 @@ from tulle.datastore.base import AlreadyExists, Datastore, DatastoreError
 from tulle.ipam.allocator import IpamError, NodeAllocator
 from tulle.model.endpoints import WorkloadEndpoint, handle_for
 from tulle.model.kinds import WORKLOAD_ENDPOINT
+from tulle.model.validation import dns1123_label, dns1123_subdomain
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +74,84 @@ class Stopwatch:
         self._last = now
 
 
+def _name_from_container_id(container_id: str) -> str:
+    """A pod name for a runtime that sends none: the container ID, lower case, with what a pod
+    name cannot hold made '-' (an ID is [A-Za-z0-9_.-], a pod name [a-z0-9.-])."""
+    lowered = container_id[:63].lower().replace("_", "-")
+    return lowered.strip(".-")
+
+
 def pod_identity(request: dict[str, Any]) -> tuple[str, str]:
-    """(namespace, pod) from CNI_ARGS; namespace `default` when absent, as podman sends it."""
+    """(namespace, pod) from CNI_ARGS; namespace `default` when absent, as podman sends it.
+
+    Raises CniError 4 naming the argument when either is not a name the API server would take
+    (a namespace is an RFC 1123 label, a pod name an RFC 1123 subdomain).
+
+    >>> pod_identity({"containerID": "c1", "args": {"K8S_POD_NAMESPACE": "../ipamblocks"}})
+    Traceback (most recent call last):
+    ...
+    tulle.cni.spec.CniError: K8S_POD_NAMESPACE '../ipamblocks' is not a valid namespace name: ...
+    """
     args = request.get("args") or {}
+    if not isinstance(args, dict):
+        raise CniError(spec.ERR_INVALID_ENVIRONMENT, "the request's args (CNI_ARGS) must be an object")
     namespace = args.get("K8S_POD_NAMESPACE") or "default"
-    pod = args.get("K8S_POD_NAME") or request["containerID"][:63]
+    pod = args.get("K8S_POD_NAME") or _name_from_container_id(str(request.get("containerID", "")))
+    for arg, value, check, what in (
+        ("K8S_POD_NAMESPACE", namespace, dns1123_label, "namespace name"),
+        ("K8S_POD_NAME", pod, dns1123_subdomain, "pod name"),
+    ):
+        problems = check(value) if isinstance(value, str) else ["it must be a string"]
+        if problems:
+            shown = spec.shown(value) if isinstance(value, str) else type(value).__name__
+            raise CniError(
+                spec.ERR_INVALID_ENVIRONMENT,
+                f"{arg} {shown} is not a valid {what}: {problems[0]}",
+                f"field: CNI_ARGS {arg}",
+            )
     return namespace, pod
+
+
+def _check_network(request: dict[str, Any]) -> None:
+    """The network configuration's fields the agent reads: error 7 naming the field."""
+    config = request.get("config")
+    if not isinstance(config, dict):
+        raise CniError(spec.ERR_INVALID_CONFIG, "the request has no network configuration", "field: config")
+    name = config.get("name")
+    if not isinstance(name, str) or not name:
+        raise CniError(spec.ERR_INVALID_CONFIG, "network configuration has no 'name'", "field: name")
+    spec.validate_config_name("name", name)
+    mtu = config.get("mtu")
+    if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535):
+        raise CniError(spec.ERR_INVALID_CONFIG, "'mtu' must be a whole number from 576 to 65535", "field: mtu")
+
+
+def _check_attachment(command: str, request: dict[str, Any]) -> None:
+    """CNI_CONTAINERID, CNI_IFNAME and CNI_NETNS as the plugin checks them: error 4 naming the variable."""
+    for field, variable in (("containerID", "CNI_CONTAINERID"), ("ifname", "CNI_IFNAME"), ("netns", "CNI_NETNS")):
+        if not isinstance(request.get(field, ""), str):
+            raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"{variable} must be a string", f"field: {variable}")
+    spec.validate_container_id(request.get("containerID", ""))
+    spec.validate_ifname(request.get("ifname", ""))
+    netns = request.get("netns", "")
+    # DEL may come without a netns (spec: "When CNI_NETNS ... not provided, clean up").
+    if netns or command != "DEL":
+        problem = spec.path_problem(netns) if netns else "it is missing"
+        if problem:
+            raise CniError(
+                spec.ERR_INVALID_ENVIRONMENT,
+                f"CNI_NETNS {spec.shown(netns)} is not valid: {problem}",
+                "field: CNI_NETNS",
+            )
+
+
+def check_request(command: str, request: dict[str, Any]) -> None:
+    """Refuse (CniError 4 or 7, naming the field) a request the service cannot carry out safely."""
+    _check_network(request)
+    if command in ("ADD", "DEL", "CHECK"):
+        _check_attachment(command, request)
+    if command == "ADD":
+        pod_identity(request)
 
 
 def pod_interface(ep: Endpoint) -> PodInterface:
@@ -123,6 +202,26 @@ class CniContext:
     podnet: PodNetwork = podnet
 
 
+def _prev_result_addresses(prev: dict[str, Any]) -> list[str]:
+    """The addresses a CHECK's prevResult lists; error 7 if its `ips` are not the spec's."""
+    ips = prev.get("ips", [])
+    if not isinstance(ips, list) or not all(isinstance(ip, dict) and isinstance(ip.get("address"), str) for ip in ips):
+        raise CniError(
+            spec.ERR_INVALID_CONFIG, "prevResult's ips must be a list of objects with an address", "field: prevResult"
+        )
+    try:
+        return spec.result_addresses(prev)
+    except ValueError as exc:
+        raise CniError(spec.ERR_INVALID_CONFIG, f"prevResult lists an address that is not one: {exc}") from None
+
+
+def _prev_result_routes(prev: dict[str, Any]) -> list[str]:
+    routes = prev.get("routes", [])
+    if not isinstance(routes, list):
+        raise CniError(spec.ERR_INVALID_CONFIG, "prevResult's routes must be a list", "field: prevResult")
+    return [r["dst"] for r in routes if isinstance(r, dict) and isinstance(r.get("dst"), str)]
+
+
 class CniService:
     def __init__(self, ctx: CniContext) -> None:
         self.ctx = ctx
@@ -146,10 +245,12 @@ class CniService:
             "GC": self.gc,
             "STATUS": self.status,
         }
-        handler = handlers.get(str(command))
+        handler = handlers.get(command) if isinstance(command, str) else None
         try:
             if handler is None:
-                raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"the agent does not know the command {command!r}")
+                shown = spec.shown(command) if isinstance(command, str) else type(command).__name__
+                raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"the agent does not know the command {shown}")
+            check_request(str(command), request)
             return {"result": handler(request)}
         except CniError as exc:
             return {"error": exc.to_dict()}
@@ -259,10 +360,10 @@ class CniService:
             "; ".join(conflicts),
         )
 
-    def publish(self, ep: Endpoint) -> None:
+    def publish(self, ep: Endpoint, problems: tuple[str, ...] = ()) -> None:
         """The WorkloadEndpoint: tells every node which pod has which addresses. Created, or
         replaced whatever is stored (this node alone writes its endpoints)."""
-        obj = ep.workload(self.ctx.node).to_object()
+        obj = ep.workload(self.ctx.node, problems).to_object()
         try:
             self.ctx.datastore.create(obj)
         except AlreadyExists:  # a repeated ADD, or a publish again after a restart
@@ -341,6 +442,8 @@ class CniService:
         prev = config.get("prevResult")
         if not isinstance(prev, dict):
             raise CniError(spec.ERR_INVALID_CONFIG, "CHECK needs prevResult in the configuration", "field: prevResult")
+        expected = sorted(_prev_result_addresses(prev))
+        routes = _prev_result_routes(prev)
         ep = ctx.registry.get(network, container_id, ifname)
         if ep is None or ep.state != "ready":
             raise CniError(
@@ -348,7 +451,6 @@ class CniService:
                 f"container {container_id} ({ifname}) is not known to the tulle agent on node {ctx.node}",
             )
         problems = []
-        expected = sorted(spec.result_addresses(prev))
         have = sorted(ep.addresses())
         if expected != have:
             problems.append(f"prevResult lists {expected} but the endpoint has {have}")
@@ -356,7 +458,6 @@ class CniService:
         for address in have:
             if address not in held:
                 problems.append(f"the address {address} is not reserved for this container in IPAM")
-        routes = [r["dst"] for r in prev.get("routes", []) if isinstance(r, dict) and "dst" in r]
         problems.extend(ctx.podnet.check(pod_interface(ep), routes))
         if problems:
             raise CniError(

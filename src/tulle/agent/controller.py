@@ -127,6 +127,36 @@ class Controller:
                 self._sync_one(key)
 
 
+class TableController(Controller):
+    """A controller whose every key brings one whole table up to date (`apply_pass`), which an
+    ADD may also ask for in its own thread (`sync_now`) before it replies."""
+
+    def __init__(self, name: str, resync: float = 30.0, verify: float = 0.0) -> None:
+        super().__init__(name, resync=resync, verify=verify)
+        self._lock = threading.Lock()
+        self._pass_started = 0.0
+
+    def apply_pass(self, verify: bool) -> None:
+        raise NotImplementedError
+
+    def sync(self, key: str) -> None:
+        with self._lock:
+            self._pass(verify=key == VERIFY)
+
+    def sync_now(self) -> None:
+        """Bring the table up to date in the caller's thread; callers queued on the lock share
+        one pass: a pass that started after a caller arrived covers it."""
+        arrived = time.monotonic()
+        with self._lock:
+            if self._pass_started > arrived:
+                return
+            self._pass(verify=False)
+
+    def _pass(self, verify: bool) -> None:
+        self._pass_started = time.monotonic()
+        self.apply_pass(verify)
+
+
 def every(interval: float, stop: threading.Event, fn: Callable[[], None], name: str) -> threading.Thread:
     """Run `fn` every `interval` seconds in a thread of its own until `stop` is set."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from tulle.agent.cni_service import CniService, is_host_veth, pod_interface
 from tulle.agent.controller import FULL, VERIFY, Controller, every
@@ -38,8 +39,10 @@ class EndpointController(Controller):
         endpoints: Informer[WorkloadEndpoint],
         resync: float = 30.0,
         verify: float = 90.0,
+        problems: Callable[[str, str], tuple[str, ...]] = lambda _ns, _pod: (),
     ) -> None:
         super().__init__("endpoints", resync, verify)
+        self.problems = problems  # what the agent cannot honour for a pod, shown on its endpoint
         self.datastore = datastore
         self.node = node
         self.registry = registry
@@ -113,7 +116,7 @@ class EndpointController(Controller):
         mine = {}
         for ep in self.registry.all():
             if ep.state == "ready":
-                wep = ep.workload(self.node)
+                wep = ep.workload(self.node, self.problems(ep.namespace, ep.pod))
                 mine[wep.name] = (ep, wep)
         for name, (ep, wep) in mine.items():
             if published.get(name) == wep:
@@ -122,7 +125,7 @@ class EndpointController(Controller):
                 current = self.registry.get(ep.network, ep.container_id, ep.ifname)
                 if current is not None and current.state == "ready":
                     log.info("publishing an endpoint again", extra={"pod": f"{ep.namespace}/{ep.pod}"})
-                    self.cni.publish(current)
+                    self.cni.publish(current, wep.problems)
         for name, wep in published.items():
             if name in mine:
                 continue

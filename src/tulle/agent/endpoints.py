@@ -4,6 +4,7 @@ Keyed as the CNI spec says state must be: (network name, container ID, interface
 Each endpoint is one JSON file written atomically, so an agent killed at any point leaves
 either the old or the new record, never half of one. An endpoint is recorded as `adding`
 before anything is allocated, so that a crash in the middle of an ADD is rolled back on start.
+The state directory and its subdirectories are 0700 and each file 0600, from the start.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tulle.cni.files import write_atomically
+from tulle.cni.files import check_private_dir, make_private_dir, write_atomically
 from tulle.model.endpoints import WorkloadEndpoint, handle_for
 
 
@@ -43,7 +44,7 @@ class Endpoint:
         """The addresses without their prefix length."""
         return [a.split("/")[0] for a in self.ips]
 
-    def workload(self, node: str) -> WorkloadEndpoint:
+    def workload(self, node: str, problems: tuple[str, ...] = ()) -> WorkloadEndpoint:
         """What the datastore says of this endpoint: its WorkloadEndpoint."""
         return WorkloadEndpoint(
             namespace=self.namespace,
@@ -55,6 +56,7 @@ class Endpoint:
             ips=tuple(self.addresses()),
             host_interface=self.host_ifname,
             mac=self.mac,
+            problems=problems,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +66,18 @@ class Endpoint:
     def from_dict(cls, data: dict[str, Any]) -> Endpoint:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+STATE_SUBDIRS = ("endpoints", "pending-del")
+
+
+def prepare_state_dir(state_dir: str) -> None:
+    """The state directory and its subdirectories, made 0700 where missing; raises
+    UnsafePermissions if one is not root's alone (a pending DEL names pods; an endpoint record
+    what the agent trusts about a pod)."""
+    for folder in (state_dir, *(os.path.join(state_dir, sub) for sub in STATE_SUBDIRS)):
+        make_private_dir(folder)
+        check_private_dir(folder, "the state directory" if folder == state_dir else "the state subdirectory")
 
 
 def host_ifname_for(network: str, container_id: str, ifname: str) -> str:
@@ -77,7 +91,7 @@ class EndpointRegistry:
 
     def __init__(self, state_dir: str) -> None:
         self.folder = os.path.join(state_dir, "endpoints")
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        make_private_dir(self.folder)
         self._lock = threading.Lock()
         self._cache: dict[str, Endpoint] = {}
         for name in sorted(os.listdir(self.folder)):

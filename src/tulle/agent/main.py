@@ -14,16 +14,19 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from tulle.agent.api import ApiServer, serve
+from tulle.agent.api import ApiServer, prepare_socket_dir, serve
 from tulle.agent.cni_service import CniContext, CniService
 from tulle.agent.controller import FULL, VERIFY, Controller
 from tulle.agent.endpoint_controller import PUBLISH, EndpointController
-from tulle.agent.endpoints import EndpointRegistry
+from tulle.agent.endpoints import EndpointRegistry, prepare_state_dir
+from tulle.agent.guard_controller import GuardConfig, GuardController
 from tulle.agent.informers import Informer
 from tulle.agent.ipam_controller import IpamController
 from tulle.agent.node import node_info
@@ -32,10 +35,12 @@ from tulle.agent.pending import PendingDeletes
 from tulle.agent.policy_controller import PolicyController
 from tulle.agent.routes_controller import RoutesController
 from tulle.agent.status import AgentStatus
+from tulle.cni.files import UnsafePermissions
 from tulle.dataplane import host
-from tulle.datastore.base import DEFAULT_PREFIX, Datastore, DatastoreError
-from tulle.datastore.factory import open_datastore
+from tulle.datastore.base import DEFAULT_PREFIX, Datastore, DatastoreError, Login, TlsFiles
+from tulle.datastore.factory import insecure_warning, open_datastore
 from tulle.ipam.allocator import Block, IpamError, NodeAllocator
+from tulle.kernelstate.net import VXLAN_PORT
 from tulle.model.endpoints import WorkloadEndpoint
 from tulle.model.kinds import IP_POOL, IPAM_BLOCK, NAMESPACE, NETWORK_POLICY, NODE, POD, WORKLOAD_ENDPOINT
 from tulle.model.pools import Pool, parse_pool
@@ -50,6 +55,10 @@ class AgentConfig:
     node: str
     datastore: str
     mode: str = "vxlan"
+    # How the agent proves itself to the datastore (docs/deployment.md); the CNI plugin holds none.
+    datastore_tls: TlsFiles | None = None
+    datastore_login: Login | None = None
+    insecure_datastore: bool = False  # plain http:// accepted, and warned about at every start
     prefix: str = DEFAULT_PREFIX
     state_dir: str = "/var/lib/tulle"
     socket: str = "/run/tulle/agent.sock"
@@ -59,6 +68,8 @@ class AgentConfig:
     resync_interval: float = 30.0  # a full sync from the informers' state (no kernel reads)
     verify_interval: float = 90.0  # a full sync that reads the kernel back and repairs drift
     mtu: int | None = None
+    connection_limit: int = 16384  # tracked connections per pod source address
+    source_verification: bool = True  # drop what a pod sends from addresses or MACs not its own
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +105,29 @@ class ClusterInformers:
         return [self.namespaces, self.pods, self.policies, self.endpoints, self.nodes, self.blocks, self.pools]
 
 
+def datastore_addresses(url: str) -> tuple[str, ...]:
+    """The addresses of the datastore's host, which pods may not reach on its ports."""
+    parts = urlsplit(url)
+    if not parts.hostname or parts.scheme == "memory":
+        return ()
+    try:
+        found = socket.getaddrinfo(parts.hostname, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return ()
+    return tuple(sorted({str(info[4][0]) for info in found}))
+
+
+def protected_ports(url: str) -> tuple[tuple[int, int], ...]:
+    """The ports pods may not open on any node or on the datastore: etcd's client port (the
+    URL's) and peer port, and the VXLAN port (a pod's frame to another node's tunnel would leave
+    masqueraded, from a node's address). Tulle's agent listens on a unix socket only."""
+    ports = {(socket.IPPROTO_UDP, VXLAN_PORT)}
+    parts = urlsplit(url)
+    if parts.scheme != "memory":
+        ports |= {(socket.IPPROTO_TCP, parts.port or 2379), (socket.IPPROTO_TCP, 2380)}
+    return tuple(sorted(ports))
+
+
 def limit_malloc_arenas() -> None:
     """glibc gives each thread that allocates its own malloc arena and never shrinks them; the
     agent's short-lived threads (one per CNI request, one per namespace visit) would grow RSS
@@ -108,8 +142,19 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         if config.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}")
+        # Before anything is read or served: the agent's own surfaces are root's alone.
+        prepare_state_dir(config.state_dir)
+        prepare_socket_dir(config.socket)
         self.config = config
-        self.datastore = open_datastore(config.datastore, config.prefix)
+        if config.insecure_datastore and config.datastore.startswith(("http:", "etcd+http:")):
+            log.warning(insecure_warning(config.datastore), extra={"datastore": config.datastore})
+        self.datastore = open_datastore(
+            config.datastore,
+            config.prefix,
+            tls=config.datastore_tls,
+            login=config.datastore_login,
+            insecure=config.insecure_datastore,
+        )
         self.registry = EndpointRegistry(config.state_dir)
         self.pending = PendingDeletes(config.state_dir)
         self.informers = ClusterInformers.make(self.datastore)
@@ -171,15 +216,39 @@ class Agent:
                 families=self.ipam.families,
                 pod_mtu=lambda: self.pod_mtu,
                 address_holders=lambda address: inf.endpoints.by_index("address", address),
-                sync_policy=self.policy.sync_now,
+                sync_policy=self._protect_new_pod,
                 endpoints_changed=self._endpoint_changed,
                 readiness_problems=lambda: self.status.readiness_problems(),
                 remove_stray_interfaces=lambda: self.endpoints.remove_stray_interfaces(),
             )
         )
-        self.endpoints = EndpointController(
-            self.datastore, cfg.node, self.registry, self.pending, self.cni, inf.endpoints, resync, verify
+        self.guard = GuardController(
+            GuardConfig(
+                underlay=underlay.ifname,
+                control_plane=datastore_addresses(self.datastore.url),
+                protected_ports=protected_ports(self.datastore.url),
+                connection_limit=cfg.connection_limit,
+                verify_sources=cfg.source_verification,
+            ),
+            self.registry,
+            inf.pods,
+            inf.nodes,
+            resync=resync,
+            verify=verify,
         )
+        self.endpoints = EndpointController(
+            self.datastore,
+            cfg.node,
+            self.registry,
+            self.pending,
+            self.cni,
+            inf.endpoints,
+            resync,
+            verify,
+            problems=self.guard.problems_of,
+        )
+        # A pod's annotation the guards cannot use is shown on its endpoint.
+        inf.pods.add_handler(lambda _k, _o, _n: self.endpoints.enqueue(PUBLISH))
         self.status = AgentStatus(
             node=cfg.node,
             mode=cfg.mode,
@@ -189,11 +258,11 @@ class Agent:
             families=self.ipam.families,
             mtu=lambda: self.pod_mtu,
             problem_sources=[self.ipam.problems, self.node.problems],
-            reconcilers=[self.routes, self.policy],
-            drops=self.policy.drops,
+            reconcilers=[self.routes, self.policy, self.guard],
+            drops=lambda: self.policy.drops() + self.guard.drops(),
             last_reconcile=lambda: self.routes.last_full,
         )
-        self.controllers = [self.ipam, self.node, self.routes, self.policy, self.endpoints]
+        self.controllers = [self.ipam, self.node, self.routes, self.policy, self.guard, self.endpoints]
 
     def vxlan_endpoints(self) -> list[VxlanEndpoint]:
         return [
@@ -207,7 +276,13 @@ class Agent:
 
     def _endpoint_changed(self, _handle: str) -> None:
         self.policy.inputs_changed()
+        self.guard.endpoints_changed()
         self.endpoints.enqueue(PUBLISH)
+
+    def _protect_new_pod(self) -> None:
+        """Before an ADD answers: the pod's veth guarded and the pod isolated by its policies."""
+        self.guard.sync_now()
+        self.policy.sync_now()
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -249,6 +324,7 @@ class Agent:
 
     def _first_reconcile(self) -> None:
         self.routes.sync_all()
+        self.guard.sync(VERIFY)
         self.policy.sync(VERIFY)
 
     def start(self) -> None:
@@ -296,7 +372,13 @@ class Agent:
 
 
 def run_agent(config: AgentConfig) -> None:
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except (UnsafePermissions, DatastoreError) as exc:
+        # One line naming the path and its mode, or the credential file and what is wrong with
+        # it (or a plain-HTTP datastore not accepted): the operator's to fix, not a traceback.
+        log.error("cannot start", extra={"error": str(exc)})
+        raise SystemExit(1) from None
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("stopping", extra={"signal": signum})

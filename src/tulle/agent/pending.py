@@ -12,6 +12,7 @@ from typing import Any
 
 from tulle.agent.endpoints import Endpoint
 from tulle.cni.plugin import record_pending_del
+from tulle.cni.spec import CniError
 from tulle.datastore.base import DatastoreError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class PendingDeletes:
                 delete_now(request)
             except DatastoreError:
                 break
+            except CniError as exc:  # refused as it is (a pod name no API server takes): it never will pass
+                log.error("dropping a pending DEL that is not valid", extra={"file": path, "error": str(exc)})
+                os.unlink(path)
+                continue
             except Exception as exc:  # kept: the next replay tries it again
                 log.error("a pending DEL failed", extra={"file": path, "error": str(exc)})
                 continue

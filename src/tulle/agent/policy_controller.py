@@ -1,6 +1,5 @@
-"""The node's nftables table: masquerade for traffic leaving the pools, NetworkPolicy for the
-local endpoints, and (outside host-gw) the untracked VXLAN traffic; and the cutting of
-established connections that a policy change denies.
+"""The node's nftables table: masquerade for traffic leaving the pools and NetworkPolicy for the
+local endpoints; and the cutting of established connections that a policy change denies.
 
 One key: any change of a namespace, pod, policy, endpoint or pool marks the inputs changed and
 asks for a pass; a burst is one pass. The model is compiled only when the inputs changed (a
@@ -12,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from tulle.agent.controller import VERIFY, Controller
+from tulle.agent.controller import TableController
 from tulle.agent.endpoints import EndpointRegistry
 from tulle.agent.informers import Informer
 from tulle.dataplane import conntrack, host
@@ -29,7 +27,6 @@ from tulle.policy.cutting import connections_to_cut
 from tulle.policy.datapath import drop_counters, policy_table
 from tulle.policy.inputs import EndpointSource, Namespace, PodSource, PolicyInputs, PolicySource, assemble_inputs
 from tulle.routing.nat import nat_table
-from tulle.routing.untracked import tunnel_notrack_table
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,7 @@ class ConnectionCutter:
                 log.error("cannot cut denied connections", extra={"error": str(exc)})
 
 
-class PolicyController(Controller):
+class PolicyController(TableController):
     def __init__(
         self,
         node: str,
@@ -98,10 +95,8 @@ class PolicyController(Controller):
         self.cutter = cutter or ConnectionCutter()
         self.model: PolicyModel | None = None
         self.local_ips: list[str] = []
-        self._lock = threading.Lock()
         self._generation = 0  # bumped by every change of the inputs
         self._compiled = -1
-        self._pass_started = 0.0
         self._warnings: tuple[str, ...] = ()
         self._rules: Any = None
         self._owners: dict[str, str] = {}
@@ -115,19 +110,6 @@ class PolicyController(Controller):
         """Something the table depends on changed (also: a local endpoint came or went)."""
         self._generation += 1
         self.enqueue(POLICY)
-
-    def sync(self, key: str) -> None:
-        with self._lock:
-            self._apply(verify=key == VERIFY)
-
-    def sync_now(self) -> None:
-        """Bring the table up to date in the caller's thread; callers queued on the lock share
-        one pass: a pass that started after a caller arrived covers it."""
-        arrived = time.monotonic()
-        with self._lock:
-            if self._pass_started > arrived:
-                return
-            self._apply(verify=False)
 
     # -- the pass -----------------------------------------------------------------------------
 
@@ -144,16 +126,13 @@ class PolicyController(Controller):
         ]
         return assemble_inputs(self.namespaces.values(), self.pods.values(), self.policies.values(), local + remote)
 
-    def _apply(self, verify: bool) -> None:
-        self._pass_started = time.monotonic()
+    def apply_pass(self, verify: bool) -> None:
         generation = self._generation
         if self.model is None or generation != self._compiled:
             self._compile()
             self._compiled = generation
         assert self.model is not None
         table: NftTable = nat_table(self.pools()).merge(policy_table(self.model, self.local_ips))
-        if self.mode != "host-gw":
-            table = table.merge(tunnel_notrack_table())
         commands = self.nft.apply(table, verify=verify)
         if commands:
             log.debug("nftables updated", extra={"commands": len(commands)})

@@ -7,7 +7,7 @@ import os
 import socket
 from typing import Any
 
-from tulle.cli.common import UserError
+from tulle.cli.common import UserError, add_datastore_credential_args, datastore_credentials
 from tulle.cni.conflist import conflist, write_conflist
 from tulle.cni.files import write_atomically
 
@@ -18,7 +18,8 @@ DEFAULT_CNI_CONF_DIR = "/etc/cni/net.d"
 def register(sub: Any) -> None:
     p = sub.add_parser("agent", help="run the node agent")
     p.add_argument("--node", default=socket.gethostname(), help="this node's name (default: the host name)")
-    p.add_argument("--datastore", required=True, metavar="URL", help="etcd URL, e.g. http://10.0.0.1:2379")
+    p.add_argument("--datastore", required=True, metavar="URL", help="etcd URL, e.g. https://10.0.0.1:2379")
+    add_datastore_credential_args(p, env=False)
     p.add_argument("--mode", default="vxlan", choices=["host-gw", "vxlan", "hybrid"], help="routing between nodes")
     p.add_argument("--state-dir", default="/var/lib/tulle", help="where the agent keeps its state")
     p.add_argument("--socket", default="/run/tulle/agent.sock", help="the unix socket the CNI plugin calls")
@@ -38,6 +39,18 @@ def register(sub: Any) -> None:
         help="seconds between syncs that read the kernel back and repair drift (default: %(default)s)",
     )
     p.add_argument("--mtu", type=int, help="pod MTU (default: from the underlay and the mode)")
+    p.add_argument(
+        "--max-connections-per-pod",
+        type=int,
+        default=16384,
+        help="tracked connections a pod may hold; new ones over it are dropped (default: %(default)s)",
+    )
+    p.add_argument(
+        "--source-verification",
+        choices=["on", "off"],
+        default="on",
+        help="drop what a pod sends from an address or MAC not its own (default: %(default)s)",
+    )
     p.add_argument("--prefix", default="/tulle", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -56,9 +69,13 @@ def run(args: argparse.Namespace) -> int:
     from tulle.agent.main import AgentConfig, run_agent
 
     logs.setup(args.log_level)
+    tls, login = datastore_credentials(args)
     config = AgentConfig(
         node=args.node,
         datastore=args.datastore,
+        datastore_tls=tls,
+        datastore_login=login,
+        insecure_datastore=args.insecure_datastore,
         mode=args.mode,
         prefix=args.prefix,
         state_dir=args.state_dir,
@@ -69,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         resync_interval=args.resync,
         verify_interval=args.verify_interval,
         mtu=args.mtu,
+        connection_limit=args.max_connections_per_pod,
+        source_verification=args.source_verification == "on",
     )
     run_agent(config)
     return 0

@@ -214,39 +214,91 @@ def _sources(paths: list[str]) -> Iterator[tuple[str, str]]:
             raise UserError(f'the path "{path}" does not exist')
 
 
-def _plain(value: Any) -> Any:
-    """YAML's own types as the API server's JSON has them: an unquoted timestamp is a string."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, datetime.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(datetime.UTC).replace(tzinfo=None)
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-    if isinstance(value, datetime.date):
-        return value.isoformat()
-    return value
+# What YAML aliases may stand for in one document: a few lines of aliases to aliases can stand
+# for billions of values ("billion laughs"), or for themselves. A value is counted against the
+# first limit when it is reached through an alias (a map or list met again); values written out
+# are bounded by the text itself.
+MAX_ALIASED_VALUES = 100_000
+MAX_DOCUMENT_DEPTH = 100
+
+
+class _Plain:
+    """YAML's own types as the API server's JSON has them (sigs.k8s.io/yaml converts YAML to JSON
+    before anything reads it): an unquoted timestamp is a string, keys are strings, a set is a
+    map of nulls, binary data a string; NaN and infinities have no JSON form and are refused.
+    Raises UserError for those and for a document whose aliases stand for too much."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.aliased_left = MAX_ALIASED_VALUES
+        self.seen: set[int] = set()  # the maps and lists met so far, by identity
+
+    def value(self, value: Any, depth: int = 0, aliased: bool = False) -> Any:
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise UserError(f"error parsing {self.source}: nested more than {MAX_DOCUMENT_DEPTH} deep")
+        if isinstance(value, dict | list):
+            aliased = aliased or id(value) in self.seen
+            self.seen.add(id(value))
+        if aliased:
+            self.aliased_left -= 1
+            if self.aliased_left < 0:
+                raise UserError(
+                    f"error parsing {self.source}: its YAML aliases stand for more than {MAX_ALIASED_VALUES} values"
+                )
+        if isinstance(value, dict):
+            return {self.key(k): self.value(v, depth + 1, aliased) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v, depth + 1, aliased) for v in value]
+        if isinstance(value, set):
+            return {self.key(k): None for k in value}
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            raise UserError(f"error parsing {self.source}: {value} is not a JSON value")
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return self.scalar(value)
+
+    def key(self, key: Any) -> str:
+        if isinstance(key, str):
+            return key
+        if isinstance(key, bool) or key is None:
+            return json.dumps(key)
+        return str(self.scalar(key))
+
+    @staticmethod
+    def scalar(value: Any) -> Any:
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(datetime.UTC).replace(tzinfo=None)
+            return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if isinstance(value, datetime.date):
+            return value.isoformat()
+        return value
+
+
+def _load(source: str, text: str) -> list[Any]:
+    """The documents of one input, as YAML (or JSON) reads them; UserError for what does not read."""
+    try:
+        if text.lstrip().startswith("{"):
+            try:
+                return [json.loads(text)]
+            except json.JSONDecodeError:
+                pass
+        return list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise UserError(f"error parsing {source}: {exc}") from None
+    except ValueError as exc:  # a timestamp PyYAML reads that is not a date: 2001-13-45
+        raise UserError(f"error parsing {source}: {exc}") from None
+    except RecursionError:
+        raise UserError(f"error parsing {source}: nested too deeply") from None
 
 
 def parse_documents(source: str, text: str) -> list[Document]:
     """The objects in one input: YAML documents or JSON; a `kind: List` (or `...List`) gives its items."""
-    docs: list[Any]
-    try:
-        if text.lstrip().startswith("{"):
-            try:
-                docs = [json.loads(text)]
-            except json.JSONDecodeError:
-                docs = list(yaml.safe_load_all(text))
-        else:
-            docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
-        raise UserError(f"error parsing {source}: {exc}") from None
     out: list[Document] = []
-    for index, doc in enumerate(docs, start=1):
+    for index, doc in enumerate(_load(source, text), start=1):
         if doc is None:
             continue  # an empty document, as between two `---`
-        doc = _plain(doc)
+        doc = _Plain(source).value(doc)
         kind = doc.get("kind") if isinstance(doc, dict) else None
         if isinstance(kind, str) and kind.endswith("List") and isinstance(doc.get("items"), list):
             out += [Document(item, source, index, n) for n, item in enumerate(doc["items"], start=1)]
@@ -263,6 +315,8 @@ def _key_of(obj: Any, namespace: str | None) -> tuple[Kind, str | None, str] | N
     if kind is None or not isinstance(name, str):
         return None
     ns = (obj["metadata"].get("namespace") or namespace or "default") if kind.namespaced else None
+    if ns is not None and not isinstance(ns, str):
+        return None  # a namespace of the wrong type: admission names the field
     return kind, ns, name
 
 

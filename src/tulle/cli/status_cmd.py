@@ -74,16 +74,25 @@ def run(args: argparse.Namespace) -> int:
             ]
         )
     print_table(["NODE", "MODE", "READY", "PODS", "MTU", "PROBLEM"], rows)
-    drops = [
-        [str(r.get("node")), d["pod"], d["direction"], f"IPv{d.get('family', 4)}", str(d["packets"])]
+    drops = sorted(
+        [str(r.get("node")), d["pod"] or "-", _why(d), str(d["packets"])]
         for r in reports
         for d in r.get("drops", [])
         if "pod" in d
-    ]
+    )
     print()
     if drops:
-        print("Policy drops (packets a NetworkPolicy refused, per isolated pod and direction):")
-        print_table(["NODE", "POD", "DIRECTION", "FAMILY", "PACKETS"], sorted(drops))
+        print(
+            "Drops: packets a NetworkPolicy refused (per isolated pod and direction) and packets the node's "
+            "guards refused (per pod and reason):"
+        )
+        print_table(["NODE", "POD", "WHY", "PACKETS"], drops)
     else:
-        print("No pod is isolated by a NetworkPolicy.")
+        print("No pod is isolated by a NetworkPolicy, and the guards have dropped nothing.")
     return 0 if all(r.get("ready") for r in reports) else 1
+
+
+def _why(drop: dict[str, Any]) -> str:
+    if "reason" in drop:
+        return str(drop["reason"])
+    return f"policy, {drop['direction']}, IPv{drop.get('family', 4)}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _socket
 import os
+import stat  # os imports it: free at start
 import sys
 
 from tulle.cni import quickjson, spec
@@ -23,6 +24,16 @@ if TYPE_CHECKING:  # typing costs ~2.5 ms at start; the plugin does not need it 
 
 DEFAULT_SOCKET = "/run/tulle/agent.sock"
 DEFAULT_STATE_DIR = "/var/lib/tulle"
+# Where a CNI configuration may point the plugin's socket and state: the defaults' directories,
+# root's alone. A configuration is data a cluster's users may get to shape (a Multus
+# NetworkAttachmentDefinition, a conflist templated by an operator); the plugin runs as root, so
+# a path elsewhere would make it write a pending DEL into any directory or hand a pod's request to
+# any socket. Only the runtime's environment (PATH_ROOTS_ENV, colon-separated) adds directories:
+# neither a pod nor a configuration can set it.
+DEFAULT_PATH_ROOTS = ("/run/tulle", "/var/lib/tulle")
+PATH_ROOTS_ENV = "TULLE_CNI_PATH_ROOTS"
+PATH_FIELDS = ("agentSocket", "stateDir")
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 # ADD waits this long for the agent; a runtime retries after error 11.
 AGENT_TIMEOUT_S = 60.0
 
@@ -30,6 +41,12 @@ AGENT_TIMEOUT_S = 60.0
 class AgentUnavailable(Exception):
     """The agent could not serve this request: not there, gone mid-request, too slow, or talking
     nonsense. Each is a condition a retry may clear, so the runtime is told to try again."""
+
+
+class UntrustedAgent(AgentUnavailable):
+    """The socket, or the process listening on it, is not root's: nothing is sent to it (a pod's
+    request names the pod; the answer would give it addresses). The runtime tries again, as for
+    an agent that is not there, so a DEL is kept for the real agent."""
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -46,6 +63,10 @@ def _config_version(config: Any) -> str:
 def _required_env(env: dict[str, str], command: str) -> dict[str, Any]:
     """Spec section 2: which variables each command needs."""
     req: dict[str, Any] = {"command": command, "path": env.get("CNI_PATH", "")}
+    for name in ("CNI_PATH", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS"):
+        # A real environment cannot hold NUL (execve); a value that does was not made by a runtime.
+        if "\0" in env.get(name, ""):
+            raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"{name} contains a NUL byte")
     if command in ("ADD", "DEL", "CHECK"):
         container_id = env.get("CNI_CONTAINERID", "")
         spec.validate_container_id(container_id)
@@ -55,6 +76,8 @@ def _required_env(env: dict[str, str], command: str) -> dict[str, Any]:
         # DEL may come without a netns (spec: "When CNI_NETNS ... not provided, clean up").
         if command != "DEL" and not netns:
             raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"CNI_NETNS is required for {command}")
+        if netns and (problem := spec.path_problem(netns)):
+            raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"CNI_NETNS {spec.shown(netns)} is not valid: {problem}")
         req.update(containerID=container_id, ifname=ifname, netns=netns)
         req["args"] = spec.parse_cni_args(env.get("CNI_ARGS", ""))
     if not req["path"] and command != "DEL":
@@ -72,16 +95,84 @@ def _decode_config(raw: bytes) -> dict[str, Any]:
     return config
 
 
-def _validate_config(config: dict[str, Any]) -> None:
+def path_roots(env: dict[str, str]) -> tuple[str, ...]:
+    """The directories a configuration's paths may be in: the defaults', and the runtime's PATH_ROOTS_ENV."""
+    extra = [root for root in env.get(PATH_ROOTS_ENV, "").split(":") if root]
+    for root in extra:
+        if problem := spec.path_problem(root):
+            raise CniError(spec.ERR_INVALID_ENVIRONMENT, f"{PATH_ROOTS_ENV} lists {spec.shown(root)}: {problem}")
+    return (*DEFAULT_PATH_ROOTS, *extra)
+
+
+def _under(path: str, root: str) -> bool:
+    return root == "/" or path == root or path.startswith(root + "/")
+
+
+def _validate_path_field(config: dict[str, Any], field: str, roots: tuple[str, ...]) -> None:
+    value = config[field]
+    if not isinstance(value, str):
+        problem = "it is not a string"
+    else:
+        problem = spec.path_problem(value, SOCKET_PATH_MAX if field == "agentSocket" else spec.PATH_MAX)
+        if not problem and not any(_under(value, root) for root in roots):
+            problem = f"it is outside {', '.join(roots)} (the runtime's {PATH_ROOTS_ENV} adds directories)"
+    if problem:
+        raise CniError(
+            spec.ERR_INVALID_CONFIG,
+            f"{field!r} must be an absolute, normalized path under {', '.join(roots)}",
+            f"field: {field}; {problem}",
+        )
+
+
+def _validate_config(config: dict[str, Any], env: dict[str, str]) -> None:
     for field in ("name", "type"):
         value = config.get(field)
         if not isinstance(value, str) or not value:
             raise CniError(spec.ERR_INVALID_CONFIG, f"network configuration has no {field!r}", f"field: {field}")
-    for field in ("agentSocket", "stateDir"):
-        if field in config and not (isinstance(config[field], str) and config[field].startswith("/")):
-            raise CniError(spec.ERR_INVALID_CONFIG, f"{field!r} must be an absolute path", f"field: {field}")
+        spec.validate_config_name(field, value)
+    if any(field in config for field in PATH_FIELDS):
+        roots = path_roots(env)
+        for field in PATH_FIELDS:
+            if field in config:
+                _validate_path_field(config, field, roots)
     if "mtu" in config and not (isinstance(config["mtu"], int) and 576 <= config["mtu"] <= 65535):
         raise CniError(spec.ERR_INVALID_CONFIG, "'mtu' must be a whole number from 576 to 65535", "field: mtu")
+
+
+def _trusted_uids() -> tuple[int, ...]:
+    # Root, and whoever runs the plugin: as root (always, under a runtime) that is root alone; a
+    # plugin run by another user (the unit tests without root) trusts no one but itself and root.
+    return (0, os.geteuid())
+
+
+def _check_socket_file(socket_path: str) -> None:
+    """Before anything is sent: the path is a socket, and root's (a socket elsewhere may belong to
+    anyone who could write in its directory)."""
+    try:
+        st = os.stat(socket_path)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in a path given by a caller other than run()
+        text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+        raise AgentUnavailable(f"cannot connect to the tulle agent at {socket_path}: {text}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UntrustedAgent(f"{socket_path} is not a socket: the plugin does not connect to it")
+    if st.st_uid not in _trusted_uids():
+        raise UntrustedAgent(
+            f"the socket {socket_path} is owned by uid {st.st_uid}, not by root: the plugin does not connect to it"
+        )
+
+
+def _check_peer(sock: _socket.socket, socket_path: str) -> None:
+    """The process that accepted is root's: the socket file may have been swapped since it was checked."""
+    try:
+        # struct ucred: pid, uid, gid, each 32 bits in the machine's byte order.
+        cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    except OSError as exc:
+        raise AgentUnavailable(f"cannot ask who listens on {socket_path}: {_os_error_text(exc)}") from None
+    uid = int.from_bytes(cred[4:8], sys.byteorder)
+    if uid not in _trusted_uids():
+        raise UntrustedAgent(
+            f"the process listening on {socket_path} runs as uid {uid}, not as root: the plugin sends it nothing"
+        )
 
 
 def _connect(sock: _socket.socket, socket_path: str, timeout: float) -> None:
@@ -105,12 +196,13 @@ def _connect(sock: _socket.socket, socket_path: str, timeout: float) -> None:
 
 
 def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request, one answer (a JSON object), over the agent's unix socket.
+    """One request, one answer (a JSON object), over the agent's unix socket, which must be root's.
 
     Any failure on the way (refused, reset, broken pipe, timeout, an answer that is not a JSON
     object) is AgentUnavailable, never an OSError or ValueError: the agent may die or restart
     at any point of a request, and the plugin must answer the runtime all the same.
     """
+    _check_socket_file(socket_path)
     try:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     except OSError as exc:  # e.g. out of file descriptors: transient as well
@@ -120,6 +212,7 @@ def call_agent(socket_path: str, request: dict[str, Any], timeout: float) -> dic
     try:
         sock.settimeout(timeout)
         _connect(sock, socket_path, timeout)
+        _check_peer(sock, socket_path)
         raw = _exchange(sock, socket_path, quickjson.dumps(request).encode(), timeout)
     finally:
         sock.close()
@@ -199,10 +292,12 @@ def record_pending_del(state_dir: str, request: dict[str, Any]) -> str:
     import json
     import time
 
-    from tulle.cni.files import write_atomically
+    from tulle.cni.files import make_private_dir, write_atomically
 
     folder = os.path.join(state_dir, "pending-del")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    # The state directory too: made here first (the agent may never have run), it is the agent's
+    # from then on, which refuses to start on one that others may read.
+    make_private_dir(folder)
     key = f"{request['config'].get('name', '')}/{request['containerID']}/{request['ifname']}"
     path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
     write_atomically(path, json.dumps(dict(request, recorded=time.time())).encode())
@@ -243,12 +338,12 @@ def run(command: str, env: dict[str, str], stdin: bytes) -> tuple[int, dict[str,
         if command not in spec.COMMANDS:
             raise CniError(
                 spec.ERR_INVALID_ENVIRONMENT,
-                f"CNI_COMMAND {command!r} is not a CNI command" if command else "CNI_COMMAND is not set",
+                f"CNI_COMMAND {spec.shown(command)} is not a CNI command" if command else "CNI_COMMAND is not set",
                 f"expected one of {', '.join(spec.COMMANDS)}",
             )
         config = _decode_config(stdin)
         version = spec.check_version(config.get("cniVersion"), command)
-        _validate_config(config)
+        _validate_config(config, env)
         request = _required_env(env, command)
         request["config"] = config
         socket_path = str(config.get("agentSocket", DEFAULT_SOCKET))

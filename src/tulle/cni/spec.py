@@ -6,6 +6,8 @@ The agent imports it too, so both sides speak one definition of the spec.
 
 from __future__ import annotations
 
+import posixpath  # os imports it at every start: free
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~2.5 ms at start; the plugin does not need it at run time
     from typing import Any
@@ -31,9 +33,15 @@ ERR_INTERNAL = 102  # the agent failed while doing the work
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 
-# Spec section 2 "Parameters": a container ID starts with a letter or digit, then [A-Za-z0-9_.-].
+# Spec section 2 "Parameters": a container ID starts with a letter or digit, then [A-Za-z0-9_.-];
+# section "Configuration format" gives a network's name the same form.
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _CONTAINER_ID_CHARS = _ALNUM | frozenset("_.-")
+# The spec sets no length; ours keeps every IPAM handle (network/container/ifname), which each
+# IPAMBlock object stores once per address, small enough that a block always fits in etcd.
+# Runtimes' IDs are 64 hex digits; a network name becomes an object name in Multus (253).
+MAX_NAME_LENGTH = 253
+PATH_MAX = 4095  # Linux's, less the final NUL
 
 
 class CniError(Exception):
@@ -70,7 +78,7 @@ def check_version(version: Any, command: str) -> str:
     if version not in SUPPORTED_VERSIONS:
         raise CniError(
             ERR_INCOMPATIBLE_VERSION,
-            f"incompatible CNI version {version!r}",
+            f"incompatible CNI version {shown(version)}",
             f"this plugin supports {', '.join(SUPPORTED_VERSIONS)}",
         )
     needed = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}.get(command)
@@ -93,30 +101,79 @@ def parse_cni_args(raw: str) -> dict[str, str]:
             continue
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise CniError(ERR_INVALID_ENVIRONMENT, f"CNI_ARGS has a malformed pair {part!r}", "expected K=V;K=V")
+            raise CniError(ERR_INVALID_ENVIRONMENT, f"CNI_ARGS has a malformed pair {shown(part)}", "expected K=V;K=V")
         out[key] = value
     return out
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A value for an error message: quoted, and cut short if long (a 100 KB value is no message).
+
+    >>> shown("a" * 100, limit=5)
+    "'aaaaa'... (100 characters)"
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _is_spec_name(value: str) -> bool:
+    return bool(value) and value[0] in _ALNUM and set(value) <= _CONTAINER_ID_CHARS and len(value) <= MAX_NAME_LENGTH
+
+
+def path_problem(path: str, max_bytes: int = PATH_MAX) -> str:
+    """Why `path` is not an absolute, normalized path of at most `max_bytes` bytes; "" if it is one.
+
+    >>> path_problem("/run/tulle/../../etc")
+    "it has a '..' segment"
+    >>> path_problem("/run/tulle/agent.sock")
+    ''
+    """
+    if "\0" in path:
+        return "it contains a NUL byte"
+    if not path.startswith("/"):
+        return "it is not an absolute path"
+    if "/../" in f"{path}/":
+        return "it has a '..' segment"
+    if posixpath.normpath(path) != path:
+        return f"it is not normalized (it would be {shown(posixpath.normpath(path))})"
+    if len(path.encode("utf-8", "surrogateescape")) > max_bytes:
+        return f"it is longer than {max_bytes} bytes"
+    return ""
 
 
 def validate_container_id(container_id: str) -> None:
     if not container_id:
         raise CniError(ERR_INVALID_ENVIRONMENT, "CNI_CONTAINERID is missing or empty")
-    if container_id[0] not in _ALNUM or not set(container_id) <= _CONTAINER_ID_CHARS:
+    if not _is_spec_name(container_id):
         raise CniError(
             ERR_INVALID_ENVIRONMENT,
-            f"CNI_CONTAINERID {container_id!r} is not valid",
-            "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+            f"CNI_CONTAINERID {shown(container_id)} is not valid",
+            f"it must start with a letter or digit, followed by letters, digits, '_', '.' or '-', "
+            f"{MAX_NAME_LENGTH} characters at most",
+        )
+
+
+def validate_config_name(field: str, value: str) -> None:
+    """The configuration's `name` (spec section "Configuration format") or `type` (a file name in
+    CNI_PATH): error 7 naming the field if it is not a name of that form."""
+    if not _is_spec_name(value):
+        raise CniError(
+            ERR_INVALID_CONFIG,
+            f"the network configuration's {field} {shown(value)} is not valid",
+            f"field: {field}; it must start with a letter or digit, followed by letters, digits, '_', '.' or '-', "
+            f"{MAX_NAME_LENGTH} characters at most",
         )
 
 
 def validate_ifname(ifname: str) -> None:
     if not ifname:
         raise CniError(ERR_INVALID_ENVIRONMENT, "CNI_IFNAME is missing or empty")
-    if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/:") or any(c.isspace() for c in ifname):
+    if len(ifname) > 15 or ifname in (".", "..") or any(c in "/:\0" or c.isspace() for c in ifname):
         raise CniError(
             ERR_INVALID_ENVIRONMENT,
-            f"CNI_IFNAME {ifname!r} is not a valid interface name",
-            "at most 15 characters, not '.' or '..', and no '/', ':' or white space",
+            f"CNI_IFNAME {shown(ifname)} is not a valid interface name",
+            "at most 15 characters, not '.' or '..', and no '/', ':', NUL or white space",
         )
 
 

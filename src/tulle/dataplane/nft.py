@@ -36,16 +36,13 @@ from tulle.kernelstate.nft import (
     canonical_elements,
 )
 
-TABLE_FAMILY = "inet"
-TABLE_NAME = "tulle"
-
 Command = dict[str, Any]  # one command of a libnftables JSON transaction
 
 
 class NftRunner(Protocol):
     """What the reconciler needs from libnftables."""
 
-    def list_table(self) -> list[dict[str, Any]] | None:
+    def list_table(self, family: str, name: str) -> list[dict[str, Any]] | None:
         """The table's objects as `nft -j list table` gives them, or None if there is no table."""
 
     def run(self, commands: list[Command]) -> None:
@@ -64,12 +61,12 @@ class Libnftables:
         self._nft.set_numeric_proto_output(True)
         self._nft.set_numeric_prio_output(True)
 
-    def list_table(self) -> list[dict[str, Any]] | None:
-        rc, out, err = self._nft.cmd(f"list table {TABLE_FAMILY} {TABLE_NAME}")
+    def list_table(self, family: str, name: str) -> list[dict[str, Any]] | None:
+        rc, out, err = self._nft.cmd(f"list table {family} {name}")
         if rc != 0:
             if "No such file" in err or "does not exist" in err:
                 return None
-            raise NftError(f"cannot read table {TABLE_NAME}: {err.strip()}")
+            raise NftError(f"cannot read table {family} {name}: {err.strip()}")
         data = json.loads(out) if isinstance(out, str) else out
         return list(data["nftables"])
 
@@ -142,8 +139,8 @@ def rule_id(rule: Rule) -> str:
     return "t:" + hashlib.sha256(json.dumps(rule, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _table_ref() -> dict[str, str]:
-    return {"family": TABLE_FAMILY, "table": TABLE_NAME}
+def _table_ref(table: NftTable) -> dict[str, str]:
+    return {"family": table.family, "table": table.name}
 
 
 def _render_scalar(type_name: str, value: Scalar) -> Any:
@@ -157,6 +154,8 @@ def _render_scalar(type_name: str, value: Scalar) -> Any:
 def _render_component(s: NftSet, type_name: str, value: Component) -> Any:
     if isinstance(value, tuple):
         lo, hi = value
+        if type_name == "ifname":  # nft has no ranges of names: an interface is one value
+            return _render_scalar(type_name, lo)
         # nft 1.0.6 cannot delete an element of a concatenated interval set whose parts are all
         # single values when one is a mark ("No such file or directory"); a one-value range works.
         if lo == hi and not (s.interval and len(s.type) > 1):
@@ -183,9 +182,9 @@ def _render_element(s: NftSet, element: Any) -> Any:
     return [_render_key(s, element[0]), _render_data(s, element[1])]
 
 
-def _set_object(s: NftSet) -> dict[str, Any]:
+def _set_object(s: NftSet, ref: dict[str, str]) -> dict[str, Any]:
     obj: dict[str, Any] = {
-        **_table_ref(),
+        **ref,
         "name": s.name,
         "type": list(s.type) if len(s.type) > 1 else s.type[0],
     }
@@ -196,8 +195,8 @@ def _set_object(s: NftSet) -> dict[str, Any]:
     return obj
 
 
-def _chain_object(c: NftChain) -> dict[str, Any]:
-    obj: dict[str, Any] = {**_table_ref(), "name": c.name}
+def _chain_object(c: NftChain, ref: dict[str, str]) -> dict[str, Any]:
+    obj: dict[str, Any] = {**ref, "name": c.name}
     if c.hook:
         obj.update(type=c.hook[0], hook=c.hook[1], prio=c.hook[2], policy=c.hook[3])
     return obj
@@ -215,12 +214,12 @@ def plan(desired: NftTable, actual: ActualTable) -> list[Command]:
     >>> plan(NftTable(), read_table(None))
     [{'add': {'table': {'family': 'inet', 'name': 'tulle'}}}]
     """
-    ref = _table_ref()
+    ref = _table_ref(desired)
     changes = _ObjectChanges.between(desired, actual)
     element_deletes, element_adds = _element_changes(desired, actual, changes.rebuilt_sets)
     out: list[Command] = []
     if not actual.exists:
-        out.append({"add": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}})
+        out.append({"add": {"table": {"family": desired.family, "name": desired.name}}})
     # Flushed first: their rules may reference the elements and sets deleted next.
     for name in [n for n in changes.rewritten_chains if n in actual.chains] + changes.removed_chains:
         out.append({"flush": {"chain": {**ref, "name": name}}})
@@ -275,11 +274,14 @@ def _chain_differs(chain: NftChain, have: ActualChain | None) -> bool:
 def _element_changes(
     desired: NftTable, actual: ActualTable, rebuilt_sets: frozenset[str]
 ) -> tuple[list[Command], list[Command]]:
-    """The element deletes and adds that turn each set's actual elements into its desired ones."""
-    ref = _table_ref()
+    """The element deletes and adds that turn each set's actual elements into its desired ones
+    (the kernel's own dynamic sets are left alone)."""
+    ref = _table_ref(desired)
     deletes: list[Command] = []
     adds: list[Command] = []
     for name, want in sorted(desired.sets.items()):
+        if want.filled_by_kernel:
+            continue
         elements = canonical_elements(want, want.elements)
         current = actual.sets[name].elements if name in actual.sets and name not in rebuilt_sets else frozenset()
         gone, new = current - elements, elements - current
@@ -294,7 +296,7 @@ def _element_changes(
 
 def _object_deletes(desired: NftTable, actual: ActualTable, changes: _ObjectChanges) -> list[Command]:
     """Chains, sets and counters to delete: after the rules referencing them were flushed."""
-    ref = _table_ref()
+    ref = _table_ref(desired)
     out: list[Command] = []
     for name in changes.removed_chains + sorted(changes.recreated_chains):
         out.append({"delete": {"chain": {**ref, "name": name}}})
@@ -307,15 +309,16 @@ def _object_deletes(desired: NftTable, actual: ActualTable, changes: _ObjectChan
 
 def _object_adds(desired: NftTable, actual: ActualTable, changes: _ObjectChanges) -> list[Command]:
     """Counters, sets and chains to add: before the elements and rules that reference them."""
+    ref = _table_ref(desired)
     out: list[Command] = []
     for name in sorted(desired.counters - set(actual.counters)):
-        out.append({"add": {"counter": {**_table_ref(), "name": name}}})
+        out.append({"add": {"counter": {**ref, "name": name}}})
     for name, want in sorted(desired.sets.items()):
         if name not in actual.sets or name in changes.rebuilt_sets:
-            out.append({"add": {want.kind: _set_object(want)}})
+            out.append({"add": {want.kind: _set_object(want, ref)}})
     for name, chain in sorted(desired.chains.items()):
         if name not in actual.chains or name in changes.recreated_chains:
-            out.append({"add": {"chain": _chain_object(chain)}})
+            out.append({"add": {"chain": _chain_object(chain, ref)}})
     return out
 
 
@@ -325,17 +328,21 @@ def _object_adds(desired: NftTable, actual: ActualTable, changes: _ObjectChanges
 class NftReconciler:
     """Applies an NftTable to the kernel with minimal, atomic changes.
 
+    One reconciler per table (`inet tulle` by default); the desired table names the same one.
+
     >>> forward = NftChain("forward", (), ("filter", "forward", 0, "accept"))
     >>> NftReconciler().apply(NftTable(chains={"forward": forward}))  # doctest: +SKIP
     """
 
-    def __init__(self, nft: NftRunner | None = None) -> None:
+    def __init__(self, nft: NftRunner | None = None, family: str = "inet", name: str = "tulle") -> None:
         self._nft = nft if nft is not None else Libnftables()
+        self.family = family
+        self.name = name
         self._lock = threading.Lock()
         self._applied: ActualTable | None = None
 
     def read(self) -> ActualTable:
-        return read_table(self._nft.list_table())
+        return read_table(self._nft.list_table(self.family, self.name))
 
     def apply(self, desired: NftTable, verify: bool = True) -> list[Command]:
         """Make the table equal to desired; return the commands sent (empty when nothing changed).
@@ -344,6 +351,8 @@ class NftReconciler:
         update then costs what it changes, not the size of the table. The periodic resync
         verifies, which repairs anything changed behind our back.
         """
+        if (desired.family, desired.name) != (self.family, self.name):
+            raise NftError(f"this reconciler keeps {self.family} {self.name}, not {desired.family} {desired.name}")
         with self._lock:
             actual = self._applied if (not verify and self._applied is not None) else self.read()
             commands = plan(desired, actual)

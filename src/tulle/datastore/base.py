@@ -43,6 +43,32 @@ class WatchExpired(DatastoreError):
     """The watch's resourceVersion is too old (compacted, or the watch was cut): list again."""
 
 
+class CredentialsError(DatastoreError):
+    """A credential of this client is missing, unreadable, malformed, wrong or expired, or the
+    datastore refused it: one line that names the file and the reason, for the user to act on."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A client's TLS files: the CA bundle that signed the datastore's server certificate and
+    this client's, this client's certificate, and its private key (PEM, unencrypted, mode 0600).
+    They are read again whenever they change, so rotating them is replacing them."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Login:
+    """A datastore user and the file that holds its password (etcd's RBAC: etcd's JSON gateway
+    cannot take a user from a client certificate, docs/deployment.md). The file is read again
+    whenever it changes."""
+
+    user: str
+    password_file: str
+
+
 class Conflict(Exception):
     """The object changed since it was read (its resourceVersion moved on)."""
 
@@ -204,6 +230,26 @@ class PartlyApplied(Exception):
         self.applied = applied
         self.cause = cause
         super().__init__(f"{len(applied)} objects were applied, then: {cause}")
+
+
+@runtime_checkable
+class AccessControl(Protocol):
+    """Who may write what, where the backend enforces it (etcd's RBAC): an agent writes only
+    what agents write, and of the per-node objects only its own node's (docs/deployment.md says
+    what that leaves open). For whoever runs the datastore: the lab, or an operator."""
+
+    def enable_access_control(self, root_password: str, admin_user: str, admin_password: str) -> None:
+        """Make the roles and the admin user (every object under the prefix), then turn RBAC on;
+        from then on every client needs a user. Called once, by a client without a user."""
+        ...
+
+    def add_agent_user(self, node: str, password: str) -> str:
+        """The user `node`'s agent logs in as, made (or given this password) with its node's role."""
+        ...
+
+    def remove_agent_user(self, node: str) -> None:
+        """The node is gone: its agent's user and role go too."""
+        ...
 
 
 @runtime_checkable

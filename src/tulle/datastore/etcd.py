@@ -6,6 +6,12 @@ resourceVersion is a compare-and-swap on it. A node's heartbeat is `<prefix>/hea
 under an etcd lease: keepalives change no key (no watch event), and the key vanishes when the
 agent has been silent for the lease's TTL. Multi-object writes are etcd transactions, each
 guarded by what admission read for it.
+
+Access (etcd's RBAC, when it is on): the role `tulle-agent` reads everything under the prefix
+and writes only the kinds agents write (WorkloadEndpoints, IPAMBlocks); each node's role
+`tulle-node.<node>` adds its own Node object and heartbeat; `tulle-admin` writes everything
+under the prefix (the CLI). Pods, Namespaces, NetworkPolicies and IPPools are then beyond an
+agent's reach.
 """
 
 from __future__ import annotations
@@ -35,17 +41,20 @@ from tulle.datastore.etcd_client import (
     DeleteOp,
     EtcdClient,
     EtcdWatch,
+    Grant,
     KeyValue,
     PutOp,
     TxnOp,
     UnchangedOp,
 )
 from tulle.datastore.objects import NAMESPACE_CASCADE, carry_over, complete, decode, encode, identity, plan_apply
-from tulle.model.kinds import NAMESPACE, Kind
+from tulle.model.kinds import IPAM_BLOCK, NAMESPACE, NODE, WORKLOAD_ENDPOINT, Kind
 
 log = logging.getLogger(__name__)
 
 _RETRIES = 10
+AGENT_ROLE = "tulle-agent"
+ADMIN_ROLE = "tulle-admin"
 # Objects written per transaction when one apply holds more: etcd takes at most 128 writes and
 # 128 conditions a transaction (--max-txn-ops), and each object costs a write with its own
 # compare plus guards on what admission read for it (its namespace, a list of pools).
@@ -110,6 +119,7 @@ class EtcdHeartbeat:
 
 
 _Ops = list[TxnOp]  # GuardedReader's `list` method hides the builtin from mypy inside the class
+_Grants = list[Grant]  # and EtcdDatastore's
 
 
 class GuardedReader:
@@ -267,6 +277,50 @@ class EtcdDatastore:
                 continue
             out[beat.node] = beat
         return out
+
+    # -- access (AccessControl) -----------------------------------------------------------------
+
+    def agent_grants(self) -> _Grants:
+        """What every agent may do: read the cluster, write the kinds agents write."""
+        return [
+            Grant("READ", f"{self.prefix}/", prefix=True),
+            Grant("READWRITE", self._kind_prefix(WORKLOAD_ENDPOINT), prefix=True),
+            Grant("READWRITE", self._kind_prefix(IPAM_BLOCK), prefix=True),
+        ]
+
+    def node_grants(self, node: str) -> _Grants:
+        """What only `node`'s agent may write: its registration and its heartbeat (and so revoke
+        the heartbeat's lease, which etcd allows to whoever may write the keys under it)."""
+        return [Grant("READWRITE", self.key(NODE, node)), Grant("READWRITE", self._heartbeat_key(node))]
+
+    def enable_access_control(self, root_password: str, admin_user: str, admin_password: str) -> None:
+        self.client.add_user("root", root_password)
+        self.client.grant_role("root", "root")
+        self.client.add_role(ADMIN_ROLE, [Grant("READWRITE", f"{self.prefix}/", prefix=True)])
+        self.client.add_user(admin_user, admin_password)
+        self.client.grant_role(admin_user, ADMIN_ROLE)
+        self.client.add_role(AGENT_ROLE, self.agent_grants())
+        self.client.enable_auth()
+
+    @staticmethod
+    def agent_user(node: str) -> str:
+        return f"{AGENT_ROLE}.{node}"
+
+    @staticmethod
+    def node_role(node: str) -> str:
+        return f"tulle-node.{node}"
+
+    def add_agent_user(self, node: str, password: str) -> str:
+        user = self.agent_user(node)
+        self.client.add_role(self.node_role(node), self.node_grants(node))
+        self.client.add_user(user, password)
+        self.client.grant_role(user, AGENT_ROLE)
+        self.client.grant_role(user, self.node_role(node))
+        return user
+
+    def remove_agent_user(self, node: str) -> None:
+        self.client.delete_user(self.agent_user(node))
+        self.client.delete_role(self.node_role(node))
 
     def heartbeat_lease(self, node: str) -> int:
         """The etcd lease of a node's heartbeat (0 if it has none): for tests of the lease."""

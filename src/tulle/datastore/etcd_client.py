@@ -10,6 +10,13 @@ import) and asyncio everywhere. The gateway protocol we need is small: range, pu
 txn, lease grant/keepalive/revoke and a watch stream, each a POST of a JSON body.
 
 Every call raises DatastoreError (never a transport exception) so callers handle one thing.
+
+Authentication: `https://` with a client certificate (the CA bundle verifies etcd, etcd verifies
+the certificate; `tulle.datastore.tls` follows the files as they are replaced), and, where etcd's
+RBAC is on, a user: the gateway cannot take the user from the certificate (etcd 3.4 refuses a
+certificate with a Common Name on the gateway once auth is enabled), so the client logs in with a
+password and sends the token etcd gives it with every call, logging in again when etcd says the
+token is no longer valid (it expired, etcd restarted, or the password changed).
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ import base64
 import http.client
 import json
 import logging
+import os
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -27,7 +36,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from tulle.datastore.base import DatastoreError, Reachability, ReachabilityTracker, WatchExpired
+from tulle.datastore.base import (
+    CredentialsError,
+    DatastoreError,
+    Login,
+    Reachability,
+    ReachabilityTracker,
+    TlsFiles,
+    WatchExpired,
+)
+from tulle.datastore.tls import ClientTls, describe_handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +55,19 @@ MAX_TXN_OPS = 128
 
 # google.rpc.Code in the gateway's error body; etcd answers a missing lease with it (ErrGRPCLeaseNotFound).
 GRPC_NOT_FOUND = 5
+# What etcd's gateway answers a token it no longer knows (ErrGRPCInvalidAuthToken, UNAUTHENTICATED).
+HTTP_UNAUTHORIZED = 401
+HTTP_FORBIDDEN = 403
+# etcd's own words for a client certificate with a Common Name on the gateway while auth is on
+# (embed/serve.go), and for a call without a user while auth is on.
+# With an Accept header the gateway marks its call to etcd as a gateway call, and etcd then never
+# takes the user from the TLS connection the gateway made, which carries etcd's own server
+# certificate (etcd 3.4, auth/store.go: AuthInfoFromTLS); without one, a call with no token runs
+# as the user named by the server certificate's Common Name (docs/deployment.md).
+_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_GATEWAY_REFUSES_CN = "CommonName of client sending a request against gateway"
+_NO_USER = "user name is empty"
+_AUTH_FAILED = "authentication failed"
 
 _TxnRequests = list[dict[str, Any]]  # the class's `list` method hides the builtin from mypy there
 
@@ -48,6 +79,15 @@ class EtcdRefused(DatastoreError):
         super().__init__(message)
         self.http_status = http_status
         self.grpc_code = grpc_code  # None when the body was not the gateway's {"error", "message", "code"}
+
+
+def _error_text(body: bytes) -> str:
+    """The gateway's error message ({"error": ..., "message": ..., "code": ...}), or the body."""
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message) if message else body.decode(errors="replace").strip()
 
 
 def _grpc_code(body: bytes) -> int | None:
@@ -111,6 +151,15 @@ class UnchangedOp:
 TxnOp = PutOp | DeleteOp | UnchangedOp
 
 
+@dataclass(frozen=True)
+class Grant:
+    """A permission of an etcd role: READ, WRITE or READWRITE on a key (every key under it when `prefix`)."""
+
+    access: str
+    key: str
+    prefix: bool = False
+
+
 def _b64(data: str | bytes) -> str:
     raw = data.encode() if isinstance(data, str) else data
     return base64.b64encode(raw).decode()
@@ -131,32 +180,59 @@ def _range_end(prefix: str) -> str:
 
 
 class _Gateway:
-    """Keep-alive HTTP connections to one etcd, shared by the agent's threads (a small pool)."""
+    """Keep-alive HTTP(S) connections to one etcd, shared by the agent's threads (a small pool).
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    With TLS, every call first asks `tls` for the current context (a stat of its files), so that
+    replaced files are taken up at once; a pooled connection made with an older context is
+    closed rather than used again, so that new certificates are the ones presented."""
+
+    def __init__(self, host: str, port: int, timeout: float, tls: ClientTls | None = None) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
+        self.tls = tls
+        self._idle: list[tuple[int, http.client.HTTPConnection]] = []  # (TLS generation, connection)
         self._lock = threading.Lock()
 
-    def connect(self, timeout: float | None) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+    def _context(self) -> tuple[int, ssl.SSLContext | None]:
+        if self.tls is None:
+            return 0, None
+        context = self.tls.context()
+        return self.tls.generation, context
 
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    def connect(self, timeout: float | None) -> http.client.HTTPConnection:
+        """A new connection (its TLS handshake happens with the first request)."""
+        _, context = self._context()
+        return self._new_connection(context, timeout)
+
+    def _new_connection(self, context: ssl.SSLContext | None, timeout: float | None) -> http.client.HTTPConnection:
+        if context is None:
+            return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=context)
+
+    def _take(self, generation: int) -> http.client.HTTPConnection | None:
+        with self._lock:
+            while self._idle:
+                made_with, conn = self._idle.pop()
+                if made_with == generation:
+                    return conn
+                conn.close()  # made with certificates that have since been replaced
+        return None
+
+    def post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         payload = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
+        all_headers = {**_HEADERS, **(headers or {})}
         for attempt in (0, 1):
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
+            generation, context = self._context()
+            conn = self._take(generation)
             reused = conn is not None
             if conn is None:
-                conn = self.connect(self.timeout)
+                conn = self._new_connection(context, self.timeout)
             try:
-                conn.request("POST", f"/v3/{path}", body=payload, headers=headers)
+                conn.request("POST", f"/v3/{path}", body=payload, headers=all_headers)
                 resp = conn.getresponse()
                 data = resp.read()
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected, ssl.SSLEOFError):
                 conn.close()
                 if reused and attempt == 0:
                     continue  # the server closed an idle connection: once more on a new one
@@ -166,7 +242,7 @@ class _Gateway:
                 raise
             with self._lock:
                 if len(self._idle) < 8:
-                    self._idle.append(conn)
+                    self._idle.append((generation, conn))
                 else:
                     conn.close()
             return resp.status, data
@@ -174,9 +250,36 @@ class _Gateway:
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._idle:
+            for _, conn in self._idle:
                 conn.close()
             self._idle.clear()
+
+
+class _PasswordFile:
+    """A password kept in a file, read again when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int, int] | None = None
+        self._password = ""
+
+    def read(self) -> tuple[str, bool]:
+        """The password, and whether it changed since the last read; CredentialsError if the
+        file cannot be read or is empty."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if stamp == self._stamp:
+                return self._password, False
+            with open(self.path) as f:
+                password = f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CredentialsError(f"datastore password file {self.path}: cannot be read ({reason})") from None
+        if not password:
+            raise CredentialsError(f"datastore password file {self.path}: is empty")
+        self._stamp, self._password = stamp, password
+        return password, True
 
 
 class EtcdWatch:
@@ -193,18 +296,46 @@ class EtcdWatch:
                 "prev_kv": True,  # a delete then says what was deleted
             }
         }
-        self._conn = store.gateway.connect(timeout=5)
+        token = store.login_token()
+        headers = {"Authorization": token} if token else {}
         try:
-            self._conn.request("POST", "/v3/watch", body=json.dumps(body).encode())
+            self._conn = store.gateway.connect(timeout=5)
+        except CredentialsError as exc:
+            raise store.failed(exc) from None
+        try:
+            self._conn.request("POST", "/v3/watch", body=json.dumps(body).encode(), headers={**_HEADERS, **headers})
             self._response = self._conn.getresponse()
             if self._response.status != 200:
-                raise DatastoreError(f"etcd refused the watch: HTTP {self._response.status}")
+                raise store.refusal("watch", self._response.status, self._response.read())
+            # etcd answers at once whether it created the watch; a refusal (a token etcd no
+            # longer knows, no permission) is raised here, where the caller backs off.
+            self._check_created(store, token, self._response.readline())
             self._conn.sock.settimeout(None)  # a quiet stream is not an error
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
             raise store.unreachable(exc) from exc
+        except BaseException:
+            self._conn.close()
+            raise
         self._thread = threading.Thread(target=self._read, name=f"etcd-watch {prefix}", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _check_created(store: EtcdClient, token: str | None, line: bytes) -> None:
+        if not line:
+            raise DatastoreError("etcd closed the watch stream before creating the watch")
+        try:
+            result = json.loads(line).get("result", {})
+        except (ValueError, AttributeError):
+            raise DatastoreError(f"etcd answered the watch with {line[:200]!r}") from None
+        if not result.get("canceled"):
+            return
+        reason = str(result.get("cancel_reason", "watch cancelled by etcd"))
+        if "invalid auth token" in reason and token is not None:
+            store.forget_token(token)  # the next call logs in again
+        if "auth" in reason or "permission denied" in reason:
+            raise EtcdRefused(f"etcd at {store.endpoint} refused the watch: {reason}", HTTP_FORBIDDEN, None)
+        raise WatchExpired(reason)
 
     def _read(self) -> None:
         try:
@@ -268,41 +399,152 @@ class EtcdWatch:
 
 
 class EtcdClient:
-    """etcd v3 through its JSON gateway. `endpoint` is a URL such as http://127.0.0.1:2379."""
+    """etcd v3 through its JSON gateway. `endpoint` is a URL such as https://127.0.0.1:2379
+    (with `tls`, the client's files) or, only where the caller accepted it, http://...;
+    `login` is the etcd user to call as where etcd's RBAC is on."""
 
-    def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoint: str, timeout: float = 5.0, tls: TlsFiles | None = None, login: Login | None = None
+    ) -> None:
         parts = urlsplit(endpoint)
-        if parts.scheme != "http" or not parts.hostname:
-            raise DatastoreError(f"datastore URL {endpoint!r} is not an etcd URL such as http://127.0.0.1:2379")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise DatastoreError(f"datastore URL {endpoint!r} is not an etcd URL such as https://127.0.0.1:2379")
+        if (parts.scheme == "https") != (tls is not None):
+            raise DatastoreError(f"etcd at {endpoint}: https:// goes with TLS files, http:// without")
         self.endpoint = endpoint
-        self.gateway = _Gateway(parts.hostname, parts.port or 2379, timeout)
+        self.tls = ClientTls(tls) if tls is not None else None
+        self.login = login
+        self.gateway = _Gateway(parts.hostname, parts.port or 2379, timeout, self.tls)
         self._reachability = ReachabilityTracker()
+        self._password = _PasswordFile(login.password_file) if login is not None else None
+        self._token: str | None = None
+        self._login_lock = threading.Lock()
+        if self.tls is not None:
+            self.tls.context()  # bad files are reported when the client is made, not at its first call
 
     @property
     def reachability(self) -> Reachability:
         return self._reachability.state
 
-    def unreachable(self, exc: BaseException) -> DatastoreError:
-        """Record a call that got no answer; the error to raise for it."""
-        error = DatastoreError(f"etcd at {self.endpoint} is unreachable: {exc or type(exc).__name__}")
+    def _record_failure(self, error: DatastoreError) -> DatastoreError:
         if self._reachability.failed(str(error)):
             log.warning("the datastore stopped answering", extra={"error": str(error)})
         return error
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def unreachable(self, exc: BaseException) -> DatastoreError:
+        """Record a call that got no answer; the error to raise for it (a CredentialsError when
+        the TLS handshake failed on this client's files)."""
+        if isinstance(exc, ssl.SSLError) and self.tls is not None:
+            said = describe_handshake_failure(exc, self.endpoint, self.tls.files)
+            if said is not None:
+                return self._record_failure(CredentialsError(said))
+        return self._record_failure(
+            DatastoreError(f"etcd at {self.endpoint} is unreachable: {exc or type(exc).__name__}")
+        )
+
+    def failed(self, error: CredentialsError) -> DatastoreError:
+        """Record a call this client could not make with its credentials; the error to raise."""
+        return self._record_failure(error)
+
+    # -- logging in (etcd's RBAC) ------------------------------------------------------------
+
+    def login_token(self) -> str | None:
+        """The token to call with (None without a login): logs in when there is none yet or the
+        password file changed. CredentialsError when etcd refuses the user and password."""
+        if self.login is None or self._password is None:
+            return None
+        with self._login_lock:
+            try:
+                password, changed = self._password.read()
+            except CredentialsError as exc:
+                raise self.failed(exc) from None
+            if self._token is None or changed:
+                self._token = self._authenticate(self.login, password)
+            return self._token
+
+    def forget_token(self, token: str) -> None:
+        """etcd no longer knows `token`: the next call logs in again (unless another has)."""
+        with self._login_lock:
+            if self._token == token:
+                self._token = None
+
+    def _authenticate(self, login: Login, password: str) -> str:
+        status, data = self._send("auth/authenticate", {"name": login.user, "password": password}, None)
+        if status == 200:
+            return str(json.loads(data).get("token", ""))
+        text = _error_text(data)
+        if _AUTH_FAILED in text:
+            raise self.failed(
+                CredentialsError(
+                    f"datastore password file {login.password_file}: etcd at {self.endpoint} refused it "
+                    f"for user {login.user!r} ({text})"
+                )
+            )
+        raise self.refusal("auth/authenticate", status, data)
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def _send(self, path: str, body: dict[str, Any], token: str | None) -> tuple[int, bytes]:
+        """POST to the gateway: (HTTP status, body); transport failures are recorded and raised
+        as DatastoreError. An answer is recorded by the caller, which knows whether it counts
+        (a refused credential does not: the datastore is no more usable than an absent one)."""
+        headers = {"Authorization": token} if token else None
         try:
-            status, data = self.gateway.post(path, body)
+            return self.gateway.post(path, body, headers)
+        except CredentialsError as exc:
+            raise self.failed(exc) from None
         except (OSError, http.client.HTTPException) as exc:
             raise self.unreachable(exc) from exc
+
+    def _answered(self) -> None:
         ended = self._reachability.succeeded()
         if ended is not None:
             log.warning("the datastore answers again", extra={"outage_s": round(time.time() - ended.since, 1)})
-        if status != 200:
-            raise EtcdRefused(
-                f"etcd at {self.endpoint} refused {path}: HTTP {status} {data.decode(errors='replace').strip()}",
+
+    def refusal(self, path: str, status: int, data: bytes) -> DatastoreError:
+        """The error for an answer other than 200: what etcd refused, and why in words a user can act on."""
+        text = _error_text(data)
+        if _GATEWAY_REFUSES_CN in text and self.tls is not None:
+            return self.failed(
+                CredentialsError(
+                    f"datastore client certificate {self.tls.files.cert}: has a Common Name, which etcd refuses "
+                    "on its JSON gateway while RBAC is on; issue it without one (the user is --datastore-user)"
+                )
+            )
+        if _NO_USER in text:
+            return self.failed(
+                CredentialsError(
+                    f"etcd at {self.endpoint} has RBAC on and this client gave no user: "
+                    "give --datastore-user and --datastore-password-file"
+                )
+            )
+        self._answered()  # a refusal of what was asked is an answer, not an outage
+        if status == HTTP_FORBIDDEN:
+            user = f"user {self.login.user!r}" if self.login else "this client"
+            return EtcdRefused(
+                f"etcd at {self.endpoint} refused {path} to {user}: {text}",
                 http_status=status,
                 grpc_code=_grpc_code(data),
             )
+        return EtcdRefused(
+            f"etcd at {self.endpoint} refused {path}: HTTP {status} {text}",
+            http_status=status,
+            grpc_code=_grpc_code(data),
+        )
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        for attempt in (0, 1):
+            token = self.login_token()
+            status, data = self._send(path, body, token)
+            if status == HTTP_UNAUTHORIZED and token is not None and attempt == 0:
+                # The token expired, etcd restarted (simple tokens live in its memory) or the
+                # password changed: log in again, once. etcd did not carry out the call.
+                self.forget_token(token)
+                continue
+            break
+        if status != 200:
+            raise self.refusal(path, status, data)
+        self._answered()
         out: dict[str, Any] = json.loads(data)
         return out
 
@@ -440,6 +682,51 @@ class EtcdClient:
     def lease_ttl(self, lease: int) -> int:
         """The lease's remaining TTL in seconds, or -1 if it does not exist (expired or revoked)."""
         return int(self._post("kv/lease/timetolive", {"ID": lease}).get("TTL", -1))
+
+    # -- users and roles (etcd's RBAC), for whoever runs etcd --------------------------------
+
+    def add_user(self, name: str, password: str) -> None:
+        """Add the user, or give an existing one this password."""
+        try:
+            self._post("auth/user/add", {"name": name, "password": password})
+        except EtcdRefused as exc:
+            if "already exists" not in str(exc):
+                raise
+            self._post("auth/user/changepw", {"name": name, "password": password})
+
+    def delete_user(self, name: str) -> None:
+        try:
+            self._post("auth/user/delete", {"name": name})
+        except EtcdRefused as exc:
+            if "not found" not in str(exc):
+                raise
+
+    def add_role(self, name: str, grants: Sequence[Grant]) -> None:
+        """Add the role (if it is not there) and grant it each permission."""
+        try:
+            self._post("auth/role/add", {"name": name})
+        except EtcdRefused as exc:
+            if "already exists" not in str(exc):
+                raise
+        for grant in grants:
+            perm: dict[str, Any] = {"permType": grant.access, "key": _b64(grant.key)}
+            if grant.prefix:
+                perm["range_end"] = _range_end(grant.key)
+            self._post("auth/role/grant", {"name": name, "perm": perm})
+
+    def delete_role(self, name: str) -> None:
+        try:
+            self._post("auth/role/delete", {"role": name})
+        except EtcdRefused as exc:
+            if "not found" not in str(exc):
+                raise
+
+    def grant_role(self, user: str, role: str) -> None:
+        self._post("auth/user/grant", {"user": user, "role": role})
+
+    def enable_auth(self) -> None:
+        """Turn RBAC on (etcd wants a user `root` with the role `root` first)."""
+        self._post("auth/enable", {})
 
     def close(self) -> None:
         self.gateway.close()

@@ -35,6 +35,9 @@ class NftSet:
     flags: tuple[str, ...] = ()
     map: str | None = None
     elements: frozenset[Any] = frozenset()
+    # Filled by the kernel (a rule adds to it, e.g. `ct count` per source; nft then marks it
+    # dynamic itself): its elements are not desired state, and a reconcile leaves them alone.
+    filled_by_kernel: bool = False
 
     @property
     def interval(self) -> bool:
@@ -59,11 +62,18 @@ class NftChain:
 
 @dataclass(frozen=True)
 class NftTable:
+    """One table of Tulle's: `inet tulle` (NAT, policy) by default; others (the guards' inet and
+    arp tables) name their family and name."""
+
     chains: Mapping[str, NftChain] = field(default_factory=dict)
     sets: Mapping[str, NftSet] = field(default_factory=dict)
     counters: frozenset[str] = frozenset()
+    family: str = "inet"
+    name: str = "tulle"
 
     def merge(self, other: NftTable) -> NftTable:
+        if (self.family, self.name) != (other.family, other.name):
+            raise NftError(f"cannot merge table {other.family} {other.name} into {self.family} {self.name}")
         clash = (set(self.chains) & set(other.chains)) | (set(self.sets) & set(other.sets))
         if clash:
             raise NftError(f"two parts of the ruleset define {sorted(clash)}")
@@ -71,6 +81,8 @@ class NftTable:
             chains={**self.chains, **other.chains},
             sets={**self.sets, **other.sets},
             counters=self.counters | other.counters,
+            family=self.family,
+            name=self.name,
         )
 
     def rule_count(self) -> int:
@@ -86,6 +98,8 @@ def _scalar(type_name: str, value: Any) -> Scalar:
         return int(ipaddress.ip_address(value))
     if type_name == "ifname":
         return str(value)
+    if type_name == "ether_addr":
+        return str(value).lower()
     if type_name == "inet_proto" and isinstance(value, str):
         return PROTOCOL_NUMBERS.get(value) or socket.getprotobyname(value)
     return int(value)
@@ -151,4 +165,4 @@ def canonical_elements(s: NftSet, elements: Iterable[Any]) -> frozenset[Any]:
 
 def canonical(s: NftSet) -> NftSet:
     """The set with its elements in canonical form."""
-    return NftSet(s.name, s.type, s.flags, s.map, canonical_elements(s, s.elements))
+    return NftSet(s.name, s.type, s.flags, s.map, canonical_elements(s, s.elements), s.filled_by_kernel)

@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 
 from tulle.cni.conflist import conflist, write_conflist
 from tulle.dataplane.netns import run_in_netns
-from tulle.datastore.base import AtomicWriter, Datastore, Obj
+from tulle.datastore.base import AccessControl, AtomicWriter, Datastore, Login, Obj, TlsFiles
 from tulle.datastore.factory import open_datastore
+from tulle.lab import pki, topology
 from tulle.lab import state as lab_state
-from tulle.lab import topology
-from tulle.lab.etcd_server import EtcdServer, pid_alive, stop_pid
+from tulle.lab.etcd_server import EtcdServer, ServerTls, pid_alive, stop_pid
 from tulle.lab.etcd_server import start_etcd as launch_etcd
 from tulle.lab.podman import Podman, make_rootfs
 from tulle.lab.runtime import CniRuntime
@@ -69,16 +69,93 @@ class Lab:
     # -- the datastore, reached from inside the underlay ---------------------------------
 
     def with_store(self, state: dict[str, Any], fn: Callable[[Datastore], T], timeout: float = 5.0) -> T:
-        url = state["etcd"]["url"]
+        """`fn` on the lab's datastore, as the lab's admin (the CLI's user)."""
+        access = lab_state.lab_datastore(state)
+        return self._with_store_as(access.url, access.tls, access.login, fn, timeout)
 
+    def _with_store_as(
+        self, url: str, tls: TlsFiles, login: Login | None, fn: Callable[[Datastore], T], timeout: float = 5.0
+    ) -> T:
         def call() -> T:
-            ds = open_datastore(url, timeout=timeout)
+            ds = open_datastore(url, timeout=timeout, tls=tls, login=login)
             try:
                 return fn(ds)
             finally:
                 ds.close()
 
         return run_in_netns(f"/run/netns/{self.names.underlay}", call)
+
+    def _with_access_control(self, state: dict[str, Any], fn: Callable[[AccessControl], T]) -> T:
+        """`fn` on the lab's etcd as its root user, who alone may change users and roles."""
+        access = lab_state.lab_datastore(state)
+        root = Login("root", self._root_password_file()) if state["etcd"].get("rbac") else None
+
+        def call(store: Datastore) -> T:
+            assert isinstance(store, AccessControl), store.url
+            return fn(store)
+
+        return self._with_store_as(access.url, access.tls, root, call)
+
+    # -- certificates and users -----------------------------------------------------------
+    # A small CA made at `lab up` (lab/pki.py). The CA key, etcd's key and the root password stay
+    # in pki/; each agent gets its own certificate, key and etcd user in its node's directory,
+    # the CLI the admin's in admin/.
+
+    def _authority(self) -> pki.Authority:
+        directory = lab_state.pki_dir(self.name)
+        return pki.Authority(cert=os.path.join(directory, "ca.crt"), key=os.path.join(directory, "ca.key"))
+
+    def _root_password_file(self) -> str:
+        return os.path.join(lab_state.pki_dir(self.name), "root.password")
+
+    def _etcd_tls(self) -> ServerTls:
+        directory = lab_state.pki_dir(self.name)
+        return ServerTls(
+            client_ca=os.path.join(directory, "ca.crt"),
+            cert=os.path.join(directory, "etcd.crt"),
+            key=os.path.join(directory, "etcd.key"),
+        )
+
+    def _make_pki(self, etcd_address: str) -> None:
+        """The CA, etcd's server certificate, the admin's client files and the root password."""
+        ca = pki.make_authority(lab_state.pki_dir(self.name), f"tulle lab {self.name}")
+        server = self._etcd_tls()
+        # No Common Name: the gateway calls etcd with this certificate (see lab/pki.py).
+        pki.issue(ca, server.cert, server.key, f"/O=tulle/OU=etcd {self.name}", server_ip=etcd_address)
+        pki.client_files(ca, lab_state.admin_dir(self.name), "/O=tulle/OU=admin")
+        pki.write_secret(os.path.join(lab_state.admin_dir(self.name), "password"), pki.new_password())
+        pki.write_secret(self._root_password_file(), pki.new_password())
+
+    def _enable_access_control(self, state: dict[str, Any]) -> None:
+        _, admin = lab_state.credentials_in(lab_state.admin_dir(self.name), lab_state.ADMIN_USER)
+        assert admin is not None
+        root_password, admin_password = _read_secret(self._root_password_file()), _read_secret(admin.password_file)
+        user = admin.user
+        self._with_access_control(state, lambda store: store.enable_access_control(root_password, user, admin_password))
+        state["etcd"]["rbac"] = True
+
+    def agent_credentials(self, node: str) -> tuple[TlsFiles, Login]:
+        """The files node's agent reaches etcd with: in its node's directory, never the CA key."""
+        tls, login = lab_state.credentials_in(os.path.join(self.node_dir(node), "datastore"), f"tulle-agent.{node}")
+        assert login is not None
+        return tls, login
+
+    def _make_agent_credentials(self, state: dict[str, Any], node: str) -> None:
+        tls, login = self.agent_credentials(node)
+        pki.client_files(self._authority(), os.path.dirname(tls.cert), f"/O=tulle/OU=agent {node}")
+        password = pki.new_password()
+        pki.write_secret(login.password_file, password)
+        user = self._with_access_control(state, lambda store: store.add_agent_user(node, password))
+        assert user == login.user, (user, login.user)
+
+    def renew_agent_certificate(self, node: str, days: int = pki.DAYS) -> None:
+        """Give node's agent a new key and certificate by replacing its files, as an operator
+        rotates them; the agent takes them up with its next connection, without a restart."""
+        tls, _ = self.agent_credentials(node)
+        cert, key = f"{tls.cert}.new", f"{tls.key}.new"
+        pki.issue(self._authority(), cert, key, f"/O=tulle/OU=agent {node}", days=days)
+        os.replace(key, tls.key)
+        os.replace(cert, tls.cert)
 
     # -- up and down ------------------------------------------------------------------------
 
@@ -91,6 +168,8 @@ class Lab:
         node_grace: float = 60.0,
         progress: Callable[[str], None] = lambda _m: None,
         resync: float | None = None,
+        connection_limit: int | None = None,
+        source_verification: bool = True,
     ) -> dict[str, Any]:
         if os.path.exists(lab_state.state_path(self.name)) or topology.lab_namespaces(self.name):
             raise LabError(f"lab {self.name!r} exists already; `tulle lab down {self.name}` first")
@@ -103,7 +182,13 @@ class Lab:
             "ipv4Only": ipv4_only,
             "created": time.time(),
             "underlay": {"netns": self.names.underlay},
-            "agent": {"leaseTtl": lease_ttl, "nodeGrace": node_grace, "resync": resync},
+            "agent": {
+                "leaseTtl": lease_ttl,
+                "nodeGrace": node_grace,
+                "resync": resync,
+                "connectionLimit": connection_limit,
+                "sourceVerification": source_verification,
+            },
             "nodes": {},
             "pods": {},
             "nextIndex": 1,
@@ -115,9 +200,14 @@ class Lab:
             ext = topology.create_external(self.names)
             state["external"] = {"netns": self.names.external, "addresses": list(ext)}
             lab_state.save(self.name, state)
+            progress("certificates")
+            etcd_address = f"{topology.subnet_v4(1)}.1"
+            self._make_pki(etcd_address)
             progress("etcd")
-            server = self._launch_etcd(f"http://{topology.subnet_v4(1)}.1:{ETCD_PORT}", self._etcd_data_dir())
+            server = self._launch_etcd(state, f"https://{etcd_address}:{ETCD_PORT}", self._etcd_data_dir())
             state["etcd"] = {"pid": server.pid, "url": server.url, "dataDir": server.data_dir}
+            lab_state.save(self.name, state)
+            self._enable_access_control(state)
             lab_state.save(self.name, state)
             families = [4] if ipv4_only else [4, 6]
             self.with_store(state, lambda store: self._create_pools(store, families))
@@ -203,10 +293,12 @@ class Lab:
         os.makedirs(node_dir, exist_ok=True)
         conf_dir = os.path.join(node_dir, "cni")
         write_conflist(conf_dir, conflist(NETWORK, self.agent_socket(node), os.path.join(node_dir, "state")))
+        self._make_agent_credentials(state, node)
         record["pid"] = self._start_agent(state, node)
 
     def _start_agent(self, state: dict[str, Any], node: str) -> int:
         node_dir = self.node_dir(node)
+        tls, login = self.agent_credentials(node)
         cmd = [
             "nsenter",
             f"--net=/run/netns/{self.names.node(node)}",
@@ -218,6 +310,16 @@ class Lab:
             node,
             "--datastore",
             state["etcd"]["url"],
+            "--datastore-ca",
+            tls.ca,
+            "--datastore-cert",
+            tls.cert,
+            "--datastore-key",
+            tls.key,
+            "--datastore-user",
+            login.user,
+            "--datastore-password-file",
+            login.password_file,
             "--mode",
             state["mode"],
             "--state-dir",
@@ -231,6 +333,10 @@ class Lab:
             "--node-grace",
             str(state["agent"]["nodeGrace"]),
         ]
+        if state["agent"].get("connectionLimit"):
+            cmd += ["--max-connections-per-pod", str(state["agent"]["connectionLimit"])]
+        if state["agent"].get("sourceVerification") is False:
+            cmd += ["--source-verification", "off"]
         if state["agent"].get("resync"):
             resync = float(state["agent"]["resync"])
             # Reading the kernel back is the expensive part of the periodic work: never more
@@ -346,6 +452,7 @@ class Lab:
                 _stop(record["pid"], expect="tulle")
             topology.delete_node(self.names, node, record["index"])
             self.with_store(state, lambda store: store.delete(NODE, node))
+            self._with_access_control(state, lambda store: store.remove_agent_user(node))
             shutil.rmtree(self.node_dir(node), ignore_errors=True)
             del state["nodes"][node]
         self._retry_pod_deletes(timeout=5.0)
@@ -357,9 +464,11 @@ class Lab:
     def _etcd_data_dir(self) -> str:
         return os.path.join(self.dir, "etcd")
 
-    def _launch_etcd(self, url: str, data_dir: str) -> EtcdServer:
+    def _launch_etcd(self, state: dict[str, Any], url: str, data_dir: str) -> EtcdServer:
+        """etcd over TLS, trusting the lab's CA for clients; probed as the admin once RBAC is on."""
         parts = urlsplit(url)
         assert parts.hostname is not None, url
+        admin_tls, admin_login = lab_state.credentials_in(lab_state.admin_dir(self.name), lab_state.ADMIN_USER)
         try:
             return launch_etcd(
                 data_dir=data_dir,
@@ -369,6 +478,9 @@ class Lab:
                 log_path=os.path.join(self.dir, "etcd.log"),
                 netns=self.names.underlay,
                 name=f"{self.name}-etcd",
+                server_tls=self._etcd_tls(),
+                client_tls=admin_tls,
+                login=admin_login if state.get("etcd", {}).get("rbac") else None,
             )
         except RuntimeError as exc:
             raise LabError(str(exc)) from exc
@@ -395,7 +507,9 @@ class Lab:
             if found == "paused":
                 _signal(pid, signal.SIGCONT, "etcd")
             elif found == "stopped":
-                server = self._launch_etcd(state["etcd"]["url"], state["etcd"].get("dataDir") or self._etcd_data_dir())
+                server = self._launch_etcd(
+                    state, state["etcd"]["url"], state["etcd"].get("dataDir") or self._etcd_data_dir()
+                )
                 pid = server.pid
                 with lab_state.locked(self.name) as now:
                     now["etcd"]["pid"] = pid
@@ -722,6 +836,11 @@ def _write_pod_object(
     if store.get(NAMESPACE, namespace) is None:
         objects.insert(0, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     _apply(store, objects)
+
+
+def _read_secret(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
 
 
 def _undo(steps: list[Callable[[], None]]) -> None:

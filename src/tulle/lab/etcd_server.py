@@ -1,4 +1,5 @@
-"""Start and stop a real etcd server (Debian's etcd-server) for the lab and the tests."""
+"""Start and stop a real etcd server (Debian's etcd-server) for the lab and the tests: over TLS,
+trusting client certificates signed by one CA only, unless a caller asks for plain HTTP."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from tulle.datastore.base import DatastoreError, Login, TlsFiles
 from tulle.datastore.factory import open_datastore
 from tulle.model.kinds import NAMESPACE
 
 ETCD = "/usr/bin/etcd"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """etcd's TLS: the CA whose client certificates it accepts (no others), its certificate and key."""
+
+    client_ca: str
+    cert: str
+    key: str
 
 
 @dataclass
@@ -20,6 +31,7 @@ class EtcdServer:
     pid: int
     url: str
     data_dir: str
+    client_tls: TlsFiles | None = None  # the files its starter reaches it with (None: plain HTTP)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,11 +48,16 @@ def start_etcd(
     log_path: str,
     netns: str | None = None,
     name: str = "tulle",
+    *,
+    server_tls: ServerTls | None = None,
+    client_tls: TlsFiles | None = None,
+    login: Login | None = None,
 ) -> EtcdServer:
-    """Start etcd (inside netns when given) and wait until it answers; the caller owns the PID."""
+    """Start etcd (inside netns when given) and wait until it answers to `client_tls` (and
+    `login`, once RBAC is on); the caller owns the PID. Without `server_tls`, plain HTTP."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     host = f"[{client_host}]" if ":" in client_host else client_host
-    url = f"http://{host}:{client_port}"
+    url = f"{'https' if server_tls else 'http'}://{host}:{client_port}"
     cmd = [
         ETCD,
         "--name", name,
@@ -58,13 +75,34 @@ def start_etcd(
         "--quota-backend-bytes", str(2 * 1024**3),
         "--unsafe-no-fsync",  # test bed only: fsync costs seconds on this VM's disk
     ]  # fmt: skip
+    if server_tls is not None:
+        cmd += [
+            "--client-cert-auth",
+            "--trusted-ca-file", server_tls.client_ca,
+            "--cert-file", server_tls.cert,
+            "--key-file", server_tls.key,
+            # test bed only: each login costs a bcrypt of this cost, and a lab's agents log in together
+            "--bcrypt-cost", "4",
+        ]  # fmt: skip
     if netns:
         cmd = ["nsenter", f"--net=/run/netns/{netns}", *cmd]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-    server = EtcdServer(pid=proc.pid, url=url, data_dir=data_dir)
+    server = EtcdServer(pid=proc.pid, url=url, data_dir=data_dir, client_tls=client_tls)
+
+    def probe() -> None:
+        store = open_datastore(url, timeout=1, tls=client_tls, login=login, insecure=server_tls is None)
+        try:
+            store.get(NAMESPACE, "default")
+        except DatastoreError:
+            if not store.reachability.reachable:
+                raise
+            # etcd answered, and refused (this login may read only another prefix): it is up.
+        finally:
+            store.close()
+
     deadline = time.monotonic() + 20
     probe_error = ""
     while time.monotonic() < deadline:
@@ -75,9 +113,9 @@ def start_etcd(
                 # the probe must run where etcd listens
                 from tulle.dataplane.netns import run_in_netns
 
-                run_in_netns(f"/run/netns/{netns}", lambda: open_datastore(url, timeout=1).get(NAMESPACE, "default"))
+                run_in_netns(f"/run/netns/{netns}", probe)
             else:
-                open_datastore(url, timeout=1).get(NAMESPACE, "default")
+                probe()
             return server
         except Exception as exc:
             probe_error = str(exc)

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 from typing import Any
 
+from tulle.lab import state as lab_state
+
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "sleep", "ip", "ping", "nc", "wget", "cat", "ls", "echo", "true", "hostname", "ifconfig"]
 
@@ -60,7 +62,12 @@ class Podman:
             f.write(f'[storage]\ndriver = "vfs"\ngraphroot = "{self.dir}/storage"\nrunroot = "{self.dir}/run"\n')
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, CONTAINERS_CONF=self.conf, CONTAINERS_STORAGE_CONF=self.storage_conf)
+        env = dict(
+            os.environ,
+            CONTAINERS_CONF=self.conf,
+            CONTAINERS_STORAGE_CONF=self.storage_conf,
+            **lab_state.plugin_environment(),  # podman hands its environment to the plugins
+        )
         cmd = ["nsenter", f"--net=/run/netns/{self.node_netns}", "podman", *args]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if check and proc.returncode != 0:

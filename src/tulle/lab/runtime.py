@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tulle.lab import state as lab_state
+
 
 class CniFailure(Exception):
     def __init__(self, plugin: str, command: str, error: dict[str, Any], status: int) -> None:
@@ -61,6 +63,7 @@ def exec_plugin(
         "CNI_ARGS": args,
         "CNI_PATH": ":".join(cni_path),
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        **lab_state.plugin_environment(),
     }
     cmd = [binary]
     if host_netns:

@@ -7,11 +7,21 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from tulle.cni.files import write_atomically
+from tulle.datastore.base import Login, TlsFiles
 
 LABS_DIR = os.environ.get("TULLE_LABS_DIR", "/run/tulle/labs")
+
+
+def plugin_environment() -> dict[str, str]:
+    """What the lab's runtimes add to the plugin's environment: its labs directory as an allowed root
+    for the plugin's socket and state paths (a moved TULLE_LABS_DIR is outside the plugin's defaults)."""
+    from tulle.cni.plugin import PATH_ROOTS_ENV
+
+    return {PATH_ROOTS_ENV: os.path.normpath(os.path.abspath(LABS_DIR))}
 
 
 class LabNotFound(Exception):
@@ -67,8 +77,46 @@ def exclusive(name: str, what: str) -> Iterator[None]:
         yield
 
 
-def enter_lab_datastore(name: str) -> str:
-    """Move this process into the lab's underlay namespace, where its etcd listens; return the URL.
+# The lab's users of its etcd (docs/deployment.md): the CLI as the admin, each agent as itself.
+ADMIN_USER = "tulle-admin"
+
+
+def pki_dir(name: str) -> str:
+    """The lab's CA key, etcd's certificate and the root password: for `tulle lab` alone."""
+    return os.path.join(lab_dir(name), "pki")
+
+
+def admin_dir(name: str) -> str:
+    return os.path.join(lab_dir(name), "admin")
+
+
+def credentials_in(directory: str, user: str | None) -> tuple[TlsFiles, Login | None]:
+    """A client's TLS files (and login, for `user`) as the lab lays them out in `directory`."""
+    tls = TlsFiles(
+        ca=os.path.join(directory, "ca.crt"),
+        cert=os.path.join(directory, "client.crt"),
+        key=os.path.join(directory, "client.key"),
+    )
+    return tls, Login(user, os.path.join(directory, "password")) if user else None
+
+
+@dataclass(frozen=True)
+class LabDatastore:
+    """What a client needs to reach a lab's etcd as the lab's admin."""
+
+    url: str
+    tls: TlsFiles
+    login: Login | None  # None until the lab has turned etcd's RBAC on
+
+
+def lab_datastore(state: dict[str, Any]) -> LabDatastore:
+    tls, login = credentials_in(admin_dir(state["name"]), ADMIN_USER)
+    return LabDatastore(url=str(state["etcd"]["url"]), tls=tls, login=login if state["etcd"].get("rbac") else None)
+
+
+def enter_lab_datastore(name: str) -> LabDatastore:
+    """Move this process into the lab's underlay namespace, where its etcd listens; return the
+    URL and the admin's credentials.
 
     The lab's etcd lives on the underlay (never in the root namespace), so the CLI goes to it.
     """
@@ -76,4 +124,4 @@ def enter_lab_datastore(name: str) -> str:
 
     state = load(name)
     enter_netns(f"/run/netns/{state['underlay']['netns']}")
-    return str(state["etcd"]["url"])
+    return lab_datastore(state)

@@ -5,9 +5,60 @@ peers, address ownership) and by the CLI."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import json
 from dataclasses import dataclass
 
 from tulle.model.kinds import WORKLOAD_ENDPOINT, Obj
+
+# A Pod may send from these prefixes too, besides its own addresses (as Calico's
+# allowedSourcePrefixes): for the few workloads that route for others. A JSON list of CIDRs.
+ALLOWED_SOURCE_PREFIXES = "tulle.dev/allowed-source-prefixes"
+MAX_SOURCE_PREFIXES = 64
+
+
+class SourcePrefixesError(ValueError):
+    """The annotation cannot be used; the message says why. It then allows nothing extra."""
+
+
+def allowed_source_prefixes(annotations: object) -> tuple[str, ...]:
+    """The prefixes a pod's annotations allow it to send from (none if it has no annotation).
+
+    >>> allowed_source_prefixes({ALLOWED_SOURCE_PREFIXES: '["10.0.0.0/8", "fd00:1::/64"]'})
+    ('10.0.0.0/8', 'fd00:1::/64')
+    >>> allowed_source_prefixes({ALLOWED_SOURCE_PREFIXES: '["10.0.0.1/8"]'})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tulle.model.endpoints.SourcePrefixesError: metadata.annotations[...]: '10.0.0.1/8' is not a network (host bits set)
+    """
+    if not isinstance(annotations, dict) or ALLOWED_SOURCE_PREFIXES not in annotations:
+        return ()
+    where = f"metadata.annotations[{ALLOWED_SOURCE_PREFIXES}]"
+    raw = annotations[ALLOWED_SOURCE_PREFIXES]
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SourcePrefixesError(f'{where}: must be a JSON list of CIDRs, such as ["10.0.0.0/8"]')
+    if len(value) > MAX_SOURCE_PREFIXES:
+        raise SourcePrefixesError(f"{where}: at most {MAX_SOURCE_PREFIXES} prefixes")
+    out = []
+    for text in value:
+        try:
+            out.append(str(ipaddress.ip_network(text, strict=True)))
+        except ValueError:
+            why = "host bits set" if _is_network_with_host_bits(text) else "not a CIDR"
+            raise SourcePrefixesError(f"{where}: {text!r} is not a network ({why})") from None
+    return tuple(sorted(set(out)))
+
+
+def _is_network_with_host_bits(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return True
+    except ValueError:
+        return False
 
 
 def handle_for(network: str, container_id: str, ifname: str) -> str:
@@ -35,6 +86,7 @@ class WorkloadEndpoint:
     ips: tuple[str, ...]  # without prefix length
     host_interface: str = ""
     mac: str = ""
+    problems: tuple[str, ...] = ()  # what the agent could not honour for it (status.problems)
 
     @property
     def handle(self) -> str:
@@ -49,7 +101,7 @@ class WorkloadEndpoint:
         return f"{self.namespace}/{self.name}"
 
     def to_object(self) -> Obj:
-        return {
+        obj: Obj = {
             "apiVersion": WORKLOAD_ENDPOINT.api_version,
             "kind": WORKLOAD_ENDPOINT.kind,
             "metadata": {"name": self.name, "namespace": self.namespace},
@@ -64,6 +116,9 @@ class WorkloadEndpoint:
                 "mac": self.mac,
             },
         }
+        if self.problems:
+            obj["status"] = {"problems": list(self.problems)}
+        return obj
 
     @classmethod
     def from_object(cls, obj: Obj) -> WorkloadEndpoint:
@@ -85,4 +140,5 @@ class WorkloadEndpoint:
             ips=tuple(ips),
             host_interface=str(spec.get("hostInterface") or ""),
             mac=str(spec.get("mac") or ""),
+            problems=tuple(str(p) for p in (obj.get("status") or {}).get("problems") or ()),
         )

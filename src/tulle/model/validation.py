@@ -519,9 +519,14 @@ def _default_namespace_labels(meta: dict[str, Any]) -> None:
         meta["labels"] = {**(labels or {}), NAMESPACE_NAME_LABEL: name}
 
 
+def _list_of(value: Any) -> list[Any]:
+    """`value` if it is a list, else nothing to default: validation reports the wrong type."""
+    return value if isinstance(value, list) else []
+
+
 def _default_pod(spec: dict[str, Any]) -> None:
     for field in ("containers", "initContainers"):
-        for container in spec.get(field) or []:
+        for container in _list_of(spec.get(field)):
             if isinstance(container, dict):
                 _default_protocols(container.get("ports"))
 
@@ -530,7 +535,7 @@ def _default_network_policy(spec: dict[str, Any]) -> None:
     if "podSelector" in spec and spec["podSelector"] is None:
         spec["podSelector"] = {}
     for direction in ("ingress", "egress"):
-        for rule in spec.get(direction) or []:
+        for rule in _list_of(spec.get(direction)):
             if isinstance(rule, dict):
                 _default_protocols(rule.get("ports"))
     if not spec.get("policyTypes"):
@@ -728,14 +733,15 @@ def _validate_network_policy(spec: dict[str, Any], errs: _Errors) -> None:
     if len(types) > len(POLICY_TYPES):
         errs.append(invalid("spec.policyTypes", types, "may not specify more than two policyTypes"))
         return
-    seen: set[Any] = set()
+    seen: set[str] = set()
     for i, value in enumerate(types):
         here = f"spec.policyTypes[{i}]"
         if value not in POLICY_TYPES:
             errs.append(not_supported(here, value, POLICY_TYPES))
         elif value in seen:
             errs.append(duplicate(here, value))
-        seen.add(value)
+        else:
+            seen.add(value)  # one of POLICY_TYPES: a string, never an unhashable list or object
 
 
 def _pool_error(err: PoolError) -> FieldError:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tulle.model.endpoints import SourcePrefixesError, allowed_source_prefixes
 from tulle.model.protocols import KUBERNETES_PROTOCOLS, TCP
 from tulle.model.selectors import EVERYTHING, LabelSelector, SelectorError, parse_selector
 
@@ -389,6 +390,10 @@ class PodSource:
     pod: Pod  # without the addresses of its endpoints
     status_addresses: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    # For the node's guards, not the compiler: the prefixes its annotation lets it send from,
+    # or why the annotation cannot be used (it then allows nothing extra).
+    source_prefixes: tuple[str, ...] = ()
+    source_prefixes_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -412,7 +417,11 @@ def decode_pod(obj: Any) -> PodSource:
     """Raises Malformed for a pod the compiler cannot use at all."""
     warnings: list[str] = []
     pod, status_ips = parse_pod(obj, warnings)
-    return PodSource(pod, tuple(status_ips), tuple(warnings))
+    try:
+        prefixes, problem = allowed_source_prefixes(obj["metadata"].get("annotations")), ""
+    except SourcePrefixesError as exc:
+        prefixes, problem = (), str(exc)
+    return PodSource(pod, tuple(status_ips), tuple(warnings), prefixes, problem)
 
 
 def decode_policy(obj: Any) -> PolicySource:
