@@ -1,8 +1,9 @@
 """Helpers for tests that run a lab: unique names, guaranteed teardown, traffic in namespaces.
 
 All traffic stays inside the lab's namespaces; every namespace and interface the lab makes
-carries the lab's name, which is unique per test, and `lab down` removes them even when the
-test fails.
+carries the lab's name, which is unique per test, except the namespaces podman makes for its
+pods (`netns-<uuid>`, checked by the podman tests), and `lab down` removes them all even when
+the test fails.
 """
 
 from __future__ import annotations

@@ -29,12 +29,13 @@ from tests.lablib import wait_until
 from tulle.agent.cni_service import CniContext, CniService
 from tulle.agent.controller import FULL
 from tulle.agent.endpoints import EndpointRegistry
-from tulle.agent.ipam_controller import GONE, IpamController
+from tulle.agent.ipam_controller import IpamController
 from tulle.agent.main import ClusterInformers
 from tulle.agent.node import node_object
 from tulle.agent.node_controller import NodeController
 from tulle.agent.pending import PendingDeletes
 from tulle.agent.policy_controller import ConnectionCutter, PolicyController
+from tulle.agent.removed_nodes import GONE, RemovedNodeController, pods_on
 from tulle.agent.routes_controller import RoutesController, RoutingKernel
 from tulle.dataplane.host import Underlay
 from tulle.dataplane.nft import NftReconciler
@@ -44,7 +45,7 @@ from tulle.datastore.factory import open_datastore
 from tulle.datastore.memory import MemoryServer, forget_server, memory_server
 from tulle.ipam.allocator import Block, NodeAllocator, list_blocks
 from tulle.model.endpoints import WorkloadEndpoint
-from tulle.model.kinds import IPAM_BLOCK, NODE, WORKLOAD_ENDPOINT
+from tulle.model.kinds import IPAM_BLOCK, NODE, POD, WORKLOAD_ENDPOINT, Kind
 from tulle.model.pools import parse_pool, pool_object
 from tulle.policy.compiler import PolicyModel
 from tulle.routing.compile import LocalNode, VxlanEndpoint, vxlan_mac
@@ -199,13 +200,17 @@ def test_a_deleted_node_object_is_registered_again_but_a_silent_agent_keeps_it(c
 # -- IPAM ---------------------------------------------------------------------------------------
 
 
-def ipam_controller(cluster: Cluster, registry: EndpointRegistry, grace: float = 0.3) -> IpamController:
+def ipam_controller(cluster: Cluster, registry: EndpointRegistry) -> IpamController:
     allocator = NodeAllocator(cluster.ds, "me", lambda: POOLS)
-    inf = cluster.informers
     return IpamController(
-        cluster.ds, "me", allocator, registry, inf.pools, inf.nodes, inf.blocks,
-        tunnel_families=lambda: [4], on_tunnels=lambda _t: None, node_grace=grace,
+        cluster.ds, "me", allocator, registry, cluster.informers.pools,
+        tunnel_families=lambda: [4], on_tunnels=lambda _t: None,
     )  # fmt: skip
+
+
+def removed_node_controller(cluster: Cluster, grace: float = 0.3) -> RemovedNodeController:
+    inf = cluster.informers
+    return RemovedNodeController(cluster.ds, "me", inf.nodes, inf.blocks, node_grace=grace)
 
 
 def endpoint(namespace: str, pod: str, node: str, ips: list[str]) -> Obj:
@@ -220,12 +225,13 @@ def test_blocks_of_a_silent_node_stay_and_a_removed_nodes_go_after_the_grace(clu
     ipam = ipam_controller(cluster, EndpointRegistry(str(tmp_path)))
     ipam.sync(FULL)
     assert ipam.tunnels and ipam.families() == [4, 6]
+    removed = removed_node_controller(cluster)
     cluster.ds.delete(NODE, "removed")
-    assert wait_until(lambda: GONE in ipam._queued)
-    ipam.run_pending()
+    assert wait_until(lambda: GONE in removed._queued)
+    removed.run_pending()
     assert {b.node for b in list_blocks(cluster.ds)} == {"me", "silent", "removed"}  # within the grace
     time.sleep(0.4)
-    ipam.run_pending()
+    removed.run_pending()
     assert {b.node for b in list_blocks(cluster.ds)} == {"me", "silent"}
 
 
@@ -236,11 +242,70 @@ def test_a_removed_nodes_block_stays_while_an_endpoint_holds_an_address_in_it(cl
     moved = str(next(iter(block.cidr.hosts())) + 5)
     cluster.ds.create(endpoint("web", "moved", "elsewhere", [moved]))  # a pod now on another node holds it
     start(cluster)
-    ipam = ipam_controller(cluster, EndpointRegistry(str(tmp_path)), grace=0.0)
+    removed = removed_node_controller(cluster, grace=0.0)
     cluster.ds.delete(NODE, "removed")
     time.sleep(0.2)
-    ipam.sync(GONE)
+    removed.sync(GONE)
     assert [b.node for b in list_blocks(cluster.ds) if b.node == "removed"] == ["removed"]
+
+
+def pod_object(namespace: str, name: str, node: str) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
+        "status": {"phase": "Running"},
+    }
+
+
+def _names(ds: Datastore, kind: Kind) -> set[str]:
+    return {o["metadata"]["name"] for o in ds.list(kind)[0]}
+
+
+def test_a_removed_nodes_pods_and_endpoints_go_after_the_grace_and_no_other_nodes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.write_pools()
+    cluster.remote_node("silent", 1)
+    cluster.remote_node("removed", 2)
+    [block] = [b for b in list_blocks(cluster.ds) if b.node == "removed"]
+    for name, node in (("gone", "removed"), ("quiet", "silent"), ("mine", "me"), ("virtual", "never-a-node")):
+        cluster.ds.create(pod_object("x", name, node))
+    cluster.ds.create(endpoint("x", "gone", "removed", [str(next(iter(block.cidr.hosts())) + 5)]))
+    cluster.ds.create(endpoint("x", "quiet", "silent", ["10.244.255.5"]))
+    start(cluster)
+    removed = removed_node_controller(cluster)
+    cluster.ds.delete(NODE, "removed")
+    assert wait_until(lambda: GONE in removed._queued)
+    removed.run_pending()
+    assert _names(cluster.ds, POD) == {"gone", "quiet", "mine", "virtual"}  # within the grace
+    time.sleep(0.4)
+    removed.run_pending()
+    # Pods of a silent node, of this node and of a node that never held a block stay.
+    assert _names(cluster.ds, POD) == {"quiet", "mine", "virtual"}
+    assert {o["spec"]["pod"] for o in cluster.ds.list(WORKLOAD_ENDPOINT)[0]} == {"quiet"}
+    assert {b.node for b in list_blocks(cluster.ds)} == {"silent"}
+    removed.sync(GONE)  # every agent collects: a second pass finds nothing and fails nothing
+    assert _names(cluster.ds, POD) == {"quiet", "mine", "virtual"}
+
+
+def test_a_pod_rewritten_since_it_was_read_is_not_deleted_nor_are_the_blocks_freed(cluster: Cluster) -> None:
+    cluster.write_pools()
+    cluster.remote_node("removed", 2)
+    cluster.ds.create(pod_object("x", "moving", "removed"))
+    start(cluster)
+    removed = removed_node_controller(cluster, grace=0.0)
+    cluster.ds.delete(NODE, "removed")
+    as_read = pods_on(cluster.ds.list(POD)[0], "removed")
+    # Scheduled again elsewhere between another agent's read and its delete.
+    cluster.ds.update(dict(as_read[0], spec=dict(as_read[0]["spec"], nodeName="node9")))
+    assert not removed._delete_unchanged(POD, as_read, "removed")
+    assert _names(cluster.ds, POD) == {"moving"}
+    time.sleep(0.2)
+    removed.sync(GONE)  # read afresh: the pod is no longer the removed node's
+    assert _names(cluster.ds, POD) == {"moving"}
+    assert not [b for b in list_blocks(cluster.ds) if b.node == "removed"]
 
 
 # -- CNI ----------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from tulle.datastore.base import (
 from tulle.datastore.factory import open_datastore
 from tulle.datastore.memory import forget_server, memory_server
 from tulle.lab.etcd_server import EtcdServer, free_port
-from tulle.model.kinds import NAMESPACE, NETWORK_POLICY, NODE, POD
+from tulle.model.endpoints import WorkloadEndpoint
+from tulle.model.kinds import NAMESPACE, NETWORK_POLICY, NODE, POD, WORKLOAD_ENDPOINT
 from tulle.model.validation import AdmissionErrors, admit_all
 
 
@@ -307,7 +308,7 @@ def test_apply_many_writes_all_or_nothing(backend: Backend) -> None:
     assert [verdict for _, verdict in again] == ["unchanged", "unchanged"]
 
 
-def test_delete_namespace_takes_its_pods_and_policies_with_it(backend: Backend) -> None:
+def test_delete_namespace_takes_its_pods_policies_and_endpoints_with_it(backend: Backend) -> None:
     ds = backend.ds
     assert isinstance(ds, AtomicWriter)
     policy = {
@@ -317,7 +318,11 @@ def test_delete_namespace_takes_its_pods_and_policies_with_it(backend: Backend) 
         "spec": {"podSelector": {}},
     }
     ds.apply_many([ns("web"), ns("db"), pod("a"), pod("b", "db"), policy], admit=admit_all)
+    for namespace in ("web", "db"):  # written by an agent, as the Namespace controller finds them
+        ds.create(WorkloadEndpoint(namespace, "a", "node1", "tulle", "c1", "eth0", ("10.0.0.1",)).to_object())
     assert ds.delete_namespace("web")
     assert ds.list(POD, "web")[0] == [] and ds.list(NETWORK_POLICY, "web")[0] == []
+    assert ds.list(WORKLOAD_ENDPOINT, "web")[0] == []
     assert [p["metadata"]["name"] for p in ds.list(POD)[0]] == ["b"]
+    assert [e["metadata"]["namespace"] for e in ds.list(WORKLOAD_ENDPOINT)[0]] == ["db"]
     assert not ds.delete_namespace("web")

@@ -457,7 +457,8 @@ def test_an_agent_writes_what_agents_write_and_nothing_else(rbac_etcd: RbacEtcd)
     admin = rbac_etcd.open(rbac_etcd.admin)
     admin.create(_node("n2"))
     agent = rbac_etcd.open(one)
-    # What agents write: endpoints, blocks, their own Node and heartbeat (and its lease).
+    # What agents write: endpoints, blocks, their own Node and heartbeat (and its lease), and
+    # they delete the Pods of a removed node.
     agent.create(
         {"apiVersion": "tulle.dev/v1", "kind": "WorkloadEndpoint", "metadata": {"name": "w", "namespace": "default"}}
     )
@@ -469,10 +470,11 @@ def test_an_agent_writes_what_agents_write_and_nothing_else(rbac_etcd: RbacEtcd)
     assert "n1" in agent.live_nodes()
     assert agent.get(WORKLOAD_ENDPOINT, "w", "default") is not None
     assert agent.list(IPAM_BLOCK)[0]
-    # What they must not: the cluster's policy and pods, and another node's registration.
+    admin.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orphan", "namespace": "default"}})
+    assert agent.delete(POD, "orphan", "default")
+    # What they must not: the cluster's policy and namespaces, and another node's registration.
     for write in (
         lambda: agent.create(_policy("sneaky")),
-        lambda: agent.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "default"}}),
         lambda: agent.delete(NAMESPACE, "default"),
         lambda: agent.update(_node("n2")),
         lambda: agent.heartbeat("n2", 10).start(),
@@ -484,7 +486,6 @@ def test_an_agent_writes_what_agents_write_and_nothing_else(rbac_etcd: RbacEtcd)
     assert agent.get(NETWORK_POLICY, "sneaky", "default") is None
     assert agent.reachability.reachable  # a refusal is an answer, not an outage
     admin.create(_policy("allowed"))  # the admin (the CLI) writes everything under the prefix
-    assert admin.get(POD, "p", "default") is None
     access.remove_agent_user("n2")
     with pytest.raises(CredentialsError, match=r"refused it for user 'tulle-agent\.n2'"):
         rbac_etcd.open(rbac_etcd.login("n2", "tulle-agent.n2", "n2-secret")).get(NODE, "n2")

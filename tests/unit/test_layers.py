@@ -1,6 +1,7 @@
 """One-way imports: every module under src/tulle imports only from its own layer and the ones before it.
 
-    cni < model < kernelstate < datastore < {ipam, routing, policy, guard} < dataplane < agent < lab < cli
+    cni < model < kernelstate < datastore < {ipam, routing, policy, guard} < dataplane < agent < connectivity
+    < lab < cli
 
 The compilers (ipam, routing, policy, guard) are one layer and may use each other. On top of the order:
 - cni is the plugin binary's: the standard library only;
@@ -28,6 +29,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"ipam", "routing", "policy", "guard"}),
     frozenset({"dataplane"}),
     frozenset({"agent"}),
+    frozenset({"connectivity"}),  # before lab: the checks cannot reach into how a lab makes its pods
     frozenset({"lab"}),
     frozenset({"cli"}),
 )

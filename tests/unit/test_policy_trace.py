@@ -82,7 +82,8 @@ def test_trace_names_the_rule_that_allows() -> None:
     assert result.egress.status() == "not isolated"
     text = "\n".join(result.lines())
     assert text.startswith("ALLOWED  TCP 10.0.0.1 -> 10.0.0.2:8080")
-    assert "allowed by x/allow-web ingress[1]: from pods app=a in namespace x on http/TCP" in text
+    assert "source       pod x/a (10.0.0.1)" in text
+    assert "allowed by policy x/allow-web, ingress rule 2 (from pods app=a in namespace x, port http/TCP)" in text
 
 
 def test_trace_explains_a_denial_rule_by_rule() -> None:
@@ -90,15 +91,15 @@ def test_trace_explains_a_denial_rule_by_rule() -> None:
     assert not result.allowed
     assert result.ingress.status() == "denied"
     text = "\n".join(result.lines())
-    assert "ingress: x/b is isolated by x/allow-web, x/deny-all" in text
+    assert "ingress: pod x/b is isolated by policies x/allow-web, x/deny-all" in text
     assert "denied: no ingress rule of these policies allows it" in text
     assert (
-        "x/allow-web ingress[0]: from 192.0.2.0/24 on 443/TCP: "
-        "10.0.0.3 (y/c) is not one of its peers and the port does not match" in text
+        "policy x/allow-web, ingress rule 1 (from 192.0.2.0/24, port 443/TCP): "
+        "pod y/c (10.0.0.3) is not one of its peers, and port 8080/TCP is not one of its ports" in text
     )
     assert (
-        "x/allow-web ingress[1]: from pods app=a in namespace x on http/TCP: "
-        "10.0.0.3 (y/c) is not one of its peers" in text
+        "policy x/allow-web, ingress rule 2 (from pods app=a in namespace x, port http/TCP): "
+        "pod y/c (10.0.0.3) is not one of its peers" in text
     )
 
 
@@ -108,14 +109,14 @@ def test_trace_egress_is_decided_for_the_source() -> None:
     assert not denied.allowed
     assert denied.egress.verdict.pod == "y/c"
     assert denied.ingress.status() == "not a pod"
-    assert "egress: y/c is isolated by y/out" in "\n".join(denied.lines())
+    assert "egress: pod y/c is isolated by policy y/out" in "\n".join(denied.lines())
     assert trace(model, "10.0.0.3", "192.0.2.1", "udp", 53).allowed
 
 
 def test_trace_of_a_policy_without_rules() -> None:
     result = trace(web_cluster(), "10.0.0.2", "10.0.0.1", "tcp", 80)
     assert not result.allowed
-    assert "the policies have no ingress rules: they deny all ingress" in "\n".join(result.lines())
+    assert "(this policy has no ingress rules)" in "\n".join(result.lines())
 
 
 def test_addresses_outside_the_cluster_are_not_isolated() -> None:
@@ -128,12 +129,12 @@ def test_trace_json() -> None:
     out = trace(web_cluster(), "fd00::1", "fd00::2", 6, 8080).to_json()
     json.dumps(out)
     assert out["verdict"] == "allowed"
-    assert out["src"] == {"address": "fd00::1", "pod": "x/a", "atom": out["src"]["atom"]}
+    assert out["src"] == {"address": "fd00::1", "pod": "x/a"}
     assert out["ingress"]["allowedBy"] == [
         {
             "policy": "x/allow-web",
             "index": 1,
-            "rule": "x/allow-web ingress[1]: from pods app=a in namespace x on http/TCP",
+            "rule": "policy x/allow-web, ingress rule 2 (from pods app=a in namespace x, port http/TCP)",
         }
     ]
     assert out["ingress"]["rules"][0]["peerMatches"] is False
@@ -398,15 +399,42 @@ def test_tulle_policy_trace_reads_the_datastore(
         assert store.create(obj) is not None
     common = ["--datastore", etcd_server.url, "--prefix", prefix]
     status, out, _ = _run_cli(["policy", "trace", "x/a", "x/b", "80/tcp", *common], capsys)
-    assert status == 0
+    assert status == 0  # allowed
     assert out.startswith("ALLOWED  TCP 10.0.0.1 -> 10.0.0.2:80")
-    assert "allowed by x/allow-a ingress[0]" in out
+    assert "allowed by policy x/allow-a, ingress rule 1 (from pods app=a in namespace x, all ports)" in out
     status, out, _ = _run_cli(
         ["policy", "trace", "y/c", "x/b", "80/tcp", "--family", "6", "-o", "json", *common], capsys
     )
     data = json.loads(out)
+    assert status == 1  # denied
     assert data["verdict"] == "denied" and data["src"]["address"] == "fd00::3"
     assert data["ingress"]["isolatedBy"] == ["x/allow-a"]
+    status, out, _ = _run_cli(["policy", "trace", "y/c", "x/b", "80/tcp", *common], capsys)
+    assert status == 1 and out.startswith("DENIED")
     status, _, err = _run_cli(["policy", "trace", "x/nobody", "x/b", "80/tcp", *common], capsys)
-    assert status == 1 and "no pod x/nobody" in err
+    assert status == 2 and "no pod x/nobody" in err  # an error, neither allowed nor denied
+    status, _, err = _run_cli(["policy", "trace", "x/a", "x/b", "http/tcp", *common], capsys)
+    assert status == 2 and err.startswith("error: ")
+
+
+def test_tulle_policy_trace_help_says_its_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = _run_cli(["policy", "trace", "--help"], capsys)
+    assert status == 0
+    assert "exit status: 0 if the flow is allowed, 1 if it is denied, 2 on an error" in " ".join(out.split())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.sampled_from(FLOWS))
+def test_trace_speaks_of_policies_rules_peers_and_ports_never_of_the_models_insides(
+    objects: tuple[list[Obj], list[Obj], list[Obj], list[Obj]], flow: tuple[str, int | None]
+) -> None:
+    model = compile_policies(inputs_from_objects(*objects))
+    protocol, port = flow
+    for src in all_addresses(model):
+        for dst in all_addresses(model):
+            if ipaddress.ip_address(src).version != ipaddress.ip_address(dst).version:
+                continue
+            result = trace(model, src, dst, protocol, port)
+            text = "\n".join(result.lines()) + json.dumps(result.to_json())
+            assert "atom" not in text and "[0]" not in text, text
     assert kinds.WORKLOAD_ENDPOINT.plural == "workloadendpoints"

@@ -923,6 +923,114 @@ def test_pool_checks_against_the_store_need_a_store() -> None:
     admit(pool("b", "10.0.0.0/8"))  # no store: only the object itself is checked
 
 
+# --- pod updates: what the API server lets an update change (ValidatePodUpdate) ----------------------
+
+
+def stored_pod(**spec: Any) -> Obj:
+    """A Pod as stored (defaulted), on node1, with a named port."""
+    obj = pod([{"name": "main", "image": "busybox", "ports": [{"name": "http", "containerPort": 80}]}])
+    obj["metadata"].update(namespace="default", labels={"app": "web"})
+    obj["spec"].update(nodeName="node1", **spec)
+    return admit(obj)
+
+
+def updated(current: Obj, change: Any) -> Obj:
+    new = copy.deepcopy(current)
+    change(new)
+    return new
+
+
+IMMUTABLE_POD_CHANGES = {
+    "spec.nodeName": lambda p: p["spec"].update(nodeName="node2"),
+    "spec.containers[0].ports[0].containerPort": lambda p: p["spec"]["containers"][0]["ports"][0].update(
+        containerPort=8080
+    ),
+    "spec.containers[0].ports": lambda p: p["spec"]["containers"][0]["ports"].append({"containerPort": 9}),
+    "spec.containers[0].name": lambda p: p["spec"]["containers"][0].update(name="other"),
+    "spec.hostNetwork": lambda p: p["spec"].update(hostNetwork=True),
+    "spec.terminationGracePeriodSeconds": lambda p: p["spec"].update(terminationGracePeriodSeconds=5),
+}
+
+
+@pytest.mark.parametrize("path", sorted(IMMUTABLE_POD_CHANGES))
+def test_a_pod_update_may_not_change_its_spec_and_names_the_field(path: str) -> None:
+    current = stored_pod()
+    errors = field_errors(updated(current, IMMUTABLE_POD_CHANGES[path]), MemoryStore(current))
+    assert errors[0] == f"{path}: Forbidden: field is immutable"
+    assert errors[-1].startswith(
+        "spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`"
+    )
+
+
+def test_a_refused_pod_update_is_one_message_naming_every_changed_field() -> None:
+    current = stored_pod()
+    change = updated(current, lambda p: p["spec"].update(nodeName="node2", hostNetwork=True))
+    message = str(refused(change, MemoryStore(current)))
+    assert message.startswith('Pod "p" is invalid: [spec.hostNetwork: Forbidden: field is immutable, ')
+    assert "spec.nodeName: Forbidden: field is immutable" in message and "\n" not in message
+
+
+ALLOWED_POD_CHANGES = {
+    "labels": lambda p: p["metadata"].update(labels={"app": "db", "tier": "x"}),
+    "annotations": lambda p: p["metadata"].update(annotations={"note": "x"}),
+    "image": lambda p: p["spec"]["containers"][0].update(image="nginx"),
+    "a deadline set": lambda p: p["spec"].update(activeDeadlineSeconds=30),
+    "a toleration added": lambda p: p["spec"].update(tolerations=[{"key": "k", "operator": "Exists"}]),
+    "nothing but explicit zero values": lambda p: p["spec"].update(hostNetwork=False, volumes=[], nodeSelector={}),
+    "status": lambda p: p.update(status={"phase": "Running"}),
+}
+
+
+@pytest.mark.parametrize("what", sorted(ALLOWED_POD_CHANGES))
+def test_a_pod_update_may_change_what_the_api_server_allows(what: str) -> None:
+    current = stored_pod()
+    admit(updated(current, ALLOWED_POD_CHANGES[what]), MemoryStore(current))
+
+
+def test_pod_update_rules_for_deadlines_tolerations_gates_and_grace() -> None:
+    with_deadline = stored_pod(activeDeadlineSeconds=30)
+    store = MemoryStore(with_deadline)
+    admit(updated(with_deadline, lambda p: p["spec"].update(activeDeadlineSeconds=10)), store)
+    assert field_errors(updated(with_deadline, lambda p: p["spec"].update(activeDeadlineSeconds=60)), store) == [
+        "spec.activeDeadlineSeconds: Invalid value: 60: must be less than or equal to previous value"
+    ]
+    assert field_errors(updated(with_deadline, lambda p: p["spec"].pop("activeDeadlineSeconds")), store) == [
+        "spec.activeDeadlineSeconds: Invalid value: null: must not update from a positive integer to nil value"
+    ]
+    toleration = {"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute", "tolerationSeconds": 5}
+    tolerant = stored_pod(tolerations=[toleration])
+    store = MemoryStore(tolerant)
+    admit(updated(tolerant, lambda p: p["spec"]["tolerations"][0].update(tolerationSeconds=50)), store)
+    assert field_errors(updated(tolerant, lambda p: p["spec"]["tolerations"][0].update(value="w")), store) == [
+        "spec.tolerations: Forbidden: existing toleration can not be modified except its tolerationSeconds"
+    ]
+    gated = stored_pod(schedulingGates=[{"name": "a"}, {"name": "b"}])
+    store = MemoryStore(gated)
+    admit(updated(gated, lambda p: p["spec"].update(schedulingGates=[{"name": "b"}])), store)
+    assert field_errors(updated(gated, lambda p: p["spec"]["schedulingGates"].append({"name": "c"})), store) == [
+        "spec.schedulingGates[2].name: Forbidden: only deletion is allowed, but found new scheduling gate 'c'"
+    ]
+    negative = stored_pod(terminationGracePeriodSeconds=-1)
+    admit(updated(negative, lambda p: p["spec"].update(terminationGracePeriodSeconds=1)), MemoryStore(negative))
+
+
+def test_a_pod_update_may_not_add_or_remove_containers() -> None:
+    current = stored_pod()
+    more = updated(current, lambda p: p["spec"]["containers"].append({"name": "side", "image": "busybox"}))
+    assert field_errors(more, MemoryStore(current)) == [
+        "spec.containers: Forbidden: pod updates may not add or remove containers"
+    ]
+
+
+def test_a_pod_stored_without_defaults_is_compared_as_the_api_server_stores_it() -> None:
+    raw = pod([{"name": "main", "image": "busybox", "ports": [{"containerPort": 80}]}], namespace="default")
+    admit(copy.deepcopy(raw), MemoryStore(raw))  # the stored port has no protocol; TCP is its default
+
+
+def test_a_new_pod_is_not_an_update() -> None:
+    admit(stored_pod(), MemoryStore())
+
+
 # --- namespaces must exist ----------------------------------------------------------------------------
 
 

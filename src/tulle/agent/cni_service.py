@@ -37,13 +37,12 @@ from tulle.dataplane.netns import NetnsGone
 from tulle.dataplane.podnet import PodInterface
 from tulle.datastore.base import AlreadyExists, Datastore, DatastoreError
 from tulle.ipam.allocator import IpamError, NodeAllocator
-from tulle.model.endpoints import WorkloadEndpoint, handle_for
+from tulle.model.endpoints import TUNNEL_HANDLE_PREFIX, WorkloadEndpoint, handle_for
 from tulle.model.kinds import WORKLOAD_ENDPOINT
 from tulle.model.validation import dns1123_label, dns1123_subdomain
 
 log = logging.getLogger(__name__)
 
-TUNNEL_HANDLE_PREFIX = "tulle-tunnel/"
 _HOST_VETH = re.compile(r"^tl[0-9a-f]{11}$")
 
 
@@ -200,6 +199,8 @@ class CniContext:
     readiness_problems: Callable[[], list[str]]
     remove_stray_interfaces: Callable[[], int]
     podnet: PodNetwork = podnet
+    # Told every error answered, with its request: the pod's last CNI failure, for its Node.
+    failed: Callable[[dict[str, Any], dict[str, Any]], None] = lambda _request, _error: None
 
 
 def _prev_result_addresses(prev: dict[str, Any]) -> list[str]:
@@ -253,12 +254,17 @@ class CniService:
             check_request(str(command), request)
             return {"result": handler(request)}
         except CniError as exc:
-            return {"error": exc.to_dict()}
+            error = exc.to_dict()
         except DatastoreError as exc:
-            return {"error": CniError(spec.ERR_TRY_AGAIN_LATER, "the datastore is not reachable", str(exc)).to_dict()}
+            error = CniError(spec.ERR_TRY_AGAIN_LATER, "the datastore is not reachable", str(exc)).to_dict()
         except Exception as exc:
             log.exception("CNI command failed", extra={"command": command})
-            return {"error": CniError(spec.ERR_INTERNAL, f"the tulle agent failed: {exc}").to_dict()}
+            error = CniError(spec.ERR_INTERNAL, f"the tulle agent failed: {exc}").to_dict()
+        try:
+            self.ctx.failed(request, error)
+        except Exception:  # the answer to the runtime matters more than the record of it
+            log.exception("could not record a CNI failure", extra={"command": command})
+        return {"error": error}
 
     # -- ADD --------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tulle.agent.api import ApiServer, prepare_socket_dir, serve
+from tulle.agent.cni_failures import CniFailureLog
 from tulle.agent.cni_service import CniContext, CniService
 from tulle.agent.controller import FULL, VERIFY, Controller
 from tulle.agent.endpoint_controller import PUBLISH, EndpointController
@@ -33,6 +34,7 @@ from tulle.agent.node import node_info
 from tulle.agent.node_controller import NodeController
 from tulle.agent.pending import PendingDeletes
 from tulle.agent.policy_controller import PolicyController
+from tulle.agent.removed_nodes import RemovedNodeController
 from tulle.agent.routes_controller import RoutesController
 from tulle.agent.status import AgentStatus
 from tulle.cni.files import UnsafePermissions
@@ -43,6 +45,7 @@ from tulle.ipam.allocator import Block, IpamError, NodeAllocator
 from tulle.kernelstate.net import VXLAN_PORT
 from tulle.model.endpoints import WorkloadEndpoint
 from tulle.model.kinds import IP_POOL, IPAM_BLOCK, NAMESPACE, NETWORK_POLICY, NODE, POD, WORKLOAD_ENDPOINT
+from tulle.model.node_report import report_annotations
 from tulle.model.pools import Pool, parse_pool
 from tulle.policy.inputs import Namespace, PodSource, PolicySource, decode_pod, decode_policy, parse_namespace
 from tulle.routing.compile import MODES, LocalNode, NodeInfo, VxlanEndpoint, pod_mtu, vxlan_mac
@@ -64,7 +67,7 @@ class AgentConfig:
     socket: str = "/run/tulle/agent.sock"
     interface: str | None = None  # the underlay; default: the interface of the default route
     lease_ttl: int = 15  # the heartbeat's: how long a silent agent still counts as alive
-    node_grace: float = 60.0  # how long a removed node's endpoints and blocks stay
+    node_grace: float = 60.0  # how long a removed node's pods, endpoints and blocks stay
     resync_interval: float = 30.0  # a full sync from the informers' state (no kernel reads)
     verify_interval: float = 90.0  # a full sync that reads the kernel back and repairs drift
     mtu: int | None = None
@@ -176,17 +179,26 @@ class Agent:
             self.allocator,
             self.registry,
             inf.pools,
-            inf.nodes,
-            inf.blocks,
             tunnel_families=lambda: (
                 [] if cfg.mode == "host-gw" else [f for f in self.ipam.families() if underlay.address(f)]
             ),
             on_tunnels=self._tunnels_changed,
-            node_grace=cfg.node_grace,
             resync=resync,
         )
+        self.removed_nodes = RemovedNodeController(
+            self.datastore, cfg.node, inf.nodes, inf.blocks, node_grace=cfg.node_grace, resync=resync
+        )
+        self.cni_failures = CniFailureLog(on_change=lambda: self.node.enqueue(FULL))
         self.node = NodeController(
-            self.datastore, cfg.node, cfg.mode, underlay, self.vxlan_endpoints, inf.nodes, cfg.lease_ttl, resync
+            self.datastore,
+            cfg.node,
+            cfg.mode,
+            underlay,
+            self.vxlan_endpoints,
+            inf.nodes,
+            cfg.lease_ttl,
+            resync,
+            report=self._node_report,
         )
         local = LocalNode(name=cfg.node, mode=cfg.mode, underlay=underlay.addresses)
         verify = cfg.verify_interval
@@ -220,6 +232,7 @@ class Agent:
                 endpoints_changed=self._endpoint_changed,
                 readiness_problems=lambda: self.status.readiness_problems(),
                 remove_stray_interfaces=lambda: self.endpoints.remove_stray_interfaces(),
+                failed=self.cni_failures.record,
             )
         )
         self.guard = GuardController(
@@ -262,7 +275,25 @@ class Agent:
             drops=lambda: self.policy.drops() + self.guard.drops(),
             last_reconcile=lambda: self.routes.last_full,
         )
-        self.controllers = [self.ipam, self.node, self.routes, self.policy, self.guard, self.endpoints]
+        self.controllers = [
+            self.ipam,
+            self.node,
+            self.removed_nodes,
+            self.routes,
+            self.policy,
+            self.guard,
+            self.endpoints,
+        ]
+
+    def _node_report(self) -> dict[str, str]:
+        """What readers learn from our Node (`tulle describe node`, `get nodes -o wide`): the
+        readiness problems that a Node write can carry (not an outage of the datastore it is
+        written to, nor that the node is unregistered, which this very write ends) and the
+        pods' last CNI failures."""
+        outage = self.datastore.reachability.describe()
+        own = self.node.problems()
+        problems = [p for p in self.status.readiness_problems() if p != outage and p not in own]
+        return report_annotations(self.underlay.ifname, problems, self.cni_failures.snapshot())
 
     def vxlan_endpoints(self) -> list[VxlanEndpoint]:
         return [

@@ -19,10 +19,29 @@ from tulle.routing.compile import NodeInfo, VxlanEndpoint
 
 ANNOTATION_MODE = "tulle.dev/routing-mode"
 ANNOTATION_VXLAN = "tulle.dev/vxlan-v{family}"
+# The version of the agent that registered the node last (`tulle version`), as a kubelet
+# publishes its own in its Node's status.nodeInfo.
+ANNOTATION_AGENT_VERSION = "tulle.dev/agent-version"
 
 
-def node_object(name: str, mode: str, addresses: list[str], vxlan: list[VxlanEndpoint]) -> dict[str, Any]:
+def installed_version() -> str:
+    """This installation's version, from the package's metadata (what pip installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tulle")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import tulle
+
+        return tulle.__version__
+
+
+def node_object(
+    name: str, mode: str, addresses: list[str], vxlan: list[VxlanEndpoint], agent_version: str = ""
+) -> dict[str, Any]:
     annotations = {ANNOTATION_MODE: mode}
+    if agent_version:
+        annotations[ANNOTATION_AGENT_VERSION] = agent_version
     for v in vxlan:
         annotations[ANNOTATION_VXLAN.format(family=v.family)] = json.dumps(
             {"mac": v.mac, "tunnelAddress": v.tunnel_address}, sort_keys=True

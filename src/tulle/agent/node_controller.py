@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from tulle.agent.controller import FULL, Controller, every
 from tulle.agent.informers import Informer
-from tulle.agent.node import merge_registration, node_object
+from tulle.agent.node import installed_version, merge_registration, node_object
 from tulle.dataplane.host import Underlay
 from tulle.datastore.base import Conflict, Datastore, DatastoreError
 from tulle.model.kinds import NODE
@@ -36,14 +36,20 @@ class NodeController(Controller):
         nodes: Informer[NodeInfo],
         lease_ttl: int,
         resync: float = 30.0,
+        report: Callable[[], dict[str, str]] = lambda: {},
     ) -> None:
         super().__init__("node", resync)
+        # Annotations for readers, not for routing (`model/node_report.py`), written by a sync
+        # when they differ; each heartbeat looks whether they changed (in memory, no read).
+        self.report = report
+        self._reported: dict[str, str] | None = None
         self.datastore = datastore
         self.node = node
         self.mode = mode
         self.underlay = underlay
         self.vxlan = vxlan
         self.lease_ttl = lease_ttl
+        self.agent_version = installed_version()  # published on our Node: `tulle version`
         self.registered = False
         self.heartbeat = datastore.heartbeat(node, lease_ttl)
         nodes.add_handler(self._on_node)
@@ -60,7 +66,9 @@ class NodeController(Controller):
         """Our Node object as routing needs it, written only where it differs (compare-and-swap,
         keeping what others set on it): a restart that changes nothing writes nothing."""
         addresses = [str(ipaddress.ip_interface(a).ip) for a in self.underlay.addresses]
-        wanted = node_object(self.node, self.mode, addresses, self.vxlan())
+        wanted = node_object(self.node, self.mode, addresses, self.vxlan(), self.agent_version)
+        report = self.report()
+        wanted["metadata"]["annotations"].update(report)
         for _attempt in range(10):
             current = self.datastore.get(NODE, self.node)
             try:
@@ -75,6 +83,7 @@ class NodeController(Controller):
             except Conflict:
                 continue  # written by somebody meanwhile: read again
             self.registered = True
+            self._reported = report
             return
         raise DatastoreError(f"Node {self.node} keeps changing; will register on the next pass")
 
@@ -88,6 +97,8 @@ class NodeController(Controller):
                 self.heartbeat.renew()
             except DatastoreError:
                 pass
+            if self._reported is not None and self.report() != self._reported:
+                self.enqueue(FULL)  # a problem came or went: readers learn it within a beat
 
         every(max(1.0, self.lease_ttl / 3), stop, renew, "heartbeat")
 

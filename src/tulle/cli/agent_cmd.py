@@ -25,7 +25,13 @@ def register(sub: Any) -> None:
     p.add_argument("--socket", default="/run/tulle/agent.sock", help="the unix socket the CNI plugin calls")
     p.add_argument("--interface", help="the underlay interface (default: the one with the default route)")
     p.add_argument("--lease-ttl", type=int, default=15, help="seconds the node's registration outlives the agent")
-    p.add_argument("--node-grace", type=float, default=60.0, help="seconds before a gone node's blocks are freed")
+    p.add_argument(
+        "--node-grace",
+        type=float,
+        default=60.0,
+        help="seconds after a node is removed (its Node object deleted) until its pods, endpoints and blocks "
+        "are deleted (default: %(default)s)",
+    )
     p.add_argument(
         "--resync",
         type=float,
@@ -52,14 +58,23 @@ def register(sub: Any) -> None:
         help="drop what a pod sends from an address or MAC not its own (default: %(default)s)",
     )
     p.add_argument("--prefix", default="/tulle", help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe log lines kept",
+    )
     p.set_defaults(func=run)
 
     p = sub.add_parser("install-cni", help="install the CNI plugin and its network configuration on this host")
-    p.add_argument("--bin-dir", default=DEFAULT_CNI_BIN_DIR)
-    p.add_argument("--conf-dir", default=DEFAULT_CNI_CONF_DIR)
-    p.add_argument("--socket", default="/run/tulle/agent.sock")
-    p.add_argument("--state-dir", default="/var/lib/tulle")
+    p.add_argument("--bin-dir", default=DEFAULT_CNI_BIN_DIR, help="where the runtime looks for CNI plugins")
+    p.add_argument("--conf-dir", default=DEFAULT_CNI_CONF_DIR, help="where the runtime reads network configurations")
+    p.add_argument("--socket", default="/run/tulle/agent.sock", help="the agent's socket, as `tulle agent --socket`")
+    p.add_argument(
+        "--state-dir",
+        default="/var/lib/tulle",
+        help="the agent's --state-dir, where the plugin records DELs the agent could not take",
+    )
     p.add_argument("--network", default="tulle", help="the network name in the conflist")
     p.set_defaults(func=install_cni)
 

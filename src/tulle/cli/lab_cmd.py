@@ -10,12 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 from tulle.cli.common import UserError, print_json, print_table
+from tulle.lab import topology
 
 
 def register(sub: Any) -> None:
     demo = sub.add_parser("demo", help="a 3-node lab with pods, traffic and a policy (make demo)")
     demo.add_argument("--name", default="demo", help="the lab's name (default: %(default)s)")
-    demo.add_argument("--mode", choices=["host-gw", "vxlan", "hybrid"], default="hybrid")
+    demo.add_argument("--mode", choices=["host-gw", "vxlan", "hybrid"], default="hybrid", help="routing between nodes")
     demo.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     demo.set_defaults(func=run_demo)
 
@@ -23,49 +24,100 @@ def register(sub: Any) -> None:
     labsub = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
 
     p = labsub.add_parser("up", help="create a lab: underlay, etcd, nodes with agents")
-    p.add_argument("name")
-    p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--mode", choices=["host-gw", "vxlan", "hybrid"], default="vxlan")
+    p.add_argument("name", metavar="LAB", help="the new lab's name: up to 8 lowercase letters and digits")
+    p.add_argument(
+        "--nodes", type=node_count, default=3, help=f"how many nodes to start, 1 to {topology.MAX_NODE_INDEX}"
+    )
+    p.add_argument(
+        "--mode",
+        choices=["host-gw", "vxlan", "hybrid"],
+        default="vxlan",
+        help="routing between nodes: host-gw (direct routes, one subnet), vxlan (a tunnel), hybrid (direct "
+        "within a subnet, vxlan across)",
+    )
     p.add_argument("--ipv4-only", action="store_true", help="IPv4 pools only (default: dual-stack)")
     p.add_argument("--lease-ttl", type=int, default=15, help=argparse.SUPPRESS)
-    p.add_argument("--node-grace", type=float, default=60.0, help="seconds before a gone node's blocks are freed")
+    p.add_argument(
+        "--node-grace",
+        type=float,
+        default=60.0,
+        help="the agents' --node-grace: seconds after a node is removed until its pods, endpoints and "
+        "blocks are deleted (default: %(default)s)",
+    )
     p.add_argument("--resync", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the lab's status as JSON")
     p.set_defaults(func=up)
 
-    p = labsub.add_parser("down", help="stop everything of a lab and remove it")
-    p.add_argument("name")
+    p = labsub.add_parser(
+        "down", help="stop every process in a lab's namespaces (by PID) and remove everything of the lab"
+    )
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument(
+        "--ignore-not-found",
+        action="store_true",
+        help="succeed when there is no such lab (as kubectl delete --ignore-not-found does)",
+    )
     p.set_defaults(func=down)
+
+    p = labsub.add_parser("logs", help="print a node agent's log; with --follow, what it writes next too")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("node", metavar="NODE", help="the node's name, e.g. node1")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="go on printing what the agent writes, as tail -f does, until interrupted (Ctrl-C) or the node "
+        "or lab is removed",
+    )
+    p.set_defaults(func=logs)
 
     node = labsub.add_parser("node", help="add or remove a node, or restart its agent")
     nodesub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
     p = nodesub.add_parser("add", help="add a node (a namespace on the underlay) and start its agent")
-    p.add_argument("name")
-    p.add_argument("node")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("node", metavar="NODE", help="the node's name, e.g. node1")
     p.set_defaults(func=node_add)
     p = nodesub.add_parser("del", help="remove a node with its pods, as if the machine went away")
-    p.add_argument("name")
-    p.add_argument("node")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("node", metavar="NODE", help="the node's name, e.g. node1")
     p.set_defaults(func=node_del)
     p = nodesub.add_parser("restart-agent", help="stop a node's agent and start it again")
-    p.add_argument("name")
-    p.add_argument("node")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("node", metavar="NODE", help="the node's name, e.g. node1")
     p.set_defaults(func=node_restart_agent)
 
     pod = labsub.add_parser("pod", help="add or remove a pod")
     podsub = pod.add_subparsers(dest="pod_command", metavar="COMMAND", required=True)
     p = podsub.add_parser("add", help="add a pod on a node (CNI ADD through the node's agent, or podman)")
-    p.add_argument("name")
-    p.add_argument("node")
-    p.add_argument("pod", metavar="NAMESPACE/POD")
-    p.add_argument("--label", action="append", default=[], metavar="K=V")
-    p.add_argument("--port", action="append", default=[], metavar="NAME:NUMBER/PROTO")
-    p.add_argument("--runtime", choices=["cni", "podman"], default="cni")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("node", metavar="NODE", help="the node's name, e.g. node1")
+    p.add_argument("pod", metavar="NAMESPACE/POD", help="the pod")
+    p.add_argument("--label", action="append", default=[], metavar="K=V", help="a label of the Pod (repeatable)")
+    p.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="NAME:NUMBER/PROTO",
+        help="declare a container port in the Pod (for named ports in policies); it serves nothing "
+        "unless --serve is given (repeatable; PROTO TCP, UDP or SCTP, default TCP)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="run a small server in the pod on its declared TCP and UDP ports that answers with the "
+        "pod's name (like agnhost serve-hostname); stopped with the pod",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=["cni", "podman"],
+        default="cni",
+        help="cni: a namespace and the CNI plugin alone; podman: a container (namespace default only)",
+    )
+    p.add_argument("--json", action="store_true", help="print the pod's node and addresses as JSON")
     p.set_defaults(func=pod_add)
     p = podsub.add_parser("del", help="delete a pod (CNI DEL, or podman rm) and its Pod object")
-    p.add_argument("name")
-    p.add_argument("pod", metavar="NAMESPACE/POD")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("pod", metavar="NAMESPACE/POD", help="the pod")
     p.set_defaults(func=pod_del)
 
     etcd = labsub.add_parser("etcd", help="stop, start, pause or resume the lab's etcd (to make and show faults)")
@@ -77,18 +129,18 @@ def register(sub: Any) -> None:
         ("resume", "let a paused etcd run again (SIGCONT)"),
     ):
         p = etcdsub.add_parser(command, help=text)
-        p.add_argument("name")
+        p.add_argument("name", metavar="LAB", help="the lab's name")
         p.set_defaults(func=etcd_command)
 
     p = labsub.add_parser("exec", help="run a command in a pod's network namespace")
-    p.add_argument("name")
-    p.add_argument("pod", metavar="NAMESPACE/POD")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("pod", metavar="NAMESPACE/POD", help="the pod")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...", help="the command to run, after --")
     p.set_defaults(func=exec_in_pod)
 
     p = labsub.add_parser("status", help="nodes, pods and the external host of a lab")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=status)
 
 
@@ -158,7 +210,28 @@ def _split_pod(value: str) -> tuple[str, str]:
     return namespace, pod
 
 
+def node_count(value: str) -> int:
+    """--nodes: a whole number of nodes that the lab's address plan holds.
+
+    >>> node_count("2")
+    2
+    >>> node_count("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: a lab has 1 to 244 nodes, not 0
+    """
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= count <= topology.MAX_NODE_INDEX:
+        raise argparse.ArgumentTypeError(f"a lab has 1 to {topology.MAX_NODE_INDEX} nodes, not {count}")
+    return count
+
+
 def up(args: argparse.Namespace) -> int:
+    from tulle.lab.cluster import LabExists
+
     lab = _lab(args.name)
     try:
         lab.up(
@@ -170,6 +243,8 @@ def up(args: argparse.Namespace) -> int:
             progress=_progress(not args.json),
             resync=args.resync,
         )
+    except LabExists as exc:
+        raise UserError(str(exc)) from None  # nothing failed: the lab is there, as it was
     except _errors() as exc:
         raise UserError(
             f"{exc}\n(the lab is left as it is for inspection; `tulle lab down {args.name}` removes it)"
@@ -183,8 +258,38 @@ def up(args: argparse.Namespace) -> int:
 
 
 def down(args: argparse.Namespace) -> int:
-    _lab(args.name).down(progress=_progress(True))
+    from tulle.lab.state import LabNotFound
+
+    lab = _lab(args.name)
+    if not lab.exists():
+        if args.ignore_not_found:
+            return 0  # said nothing, as kubectl says nothing of what it did not find
+        raise LabNotFound(f"there is no lab named {args.name!r} on this machine")
+    lab.down(progress=_progress(True))
     print(f"lab {args.name} is down")
+    return 0
+
+
+@_user_errors
+def logs(args: argparse.Namespace) -> int:
+    from tulle.lab import logs as lab_logs
+    from tulle.lab import state as lab_state
+
+    nodes = lab_state.load(args.name)["nodes"]
+    if args.node not in nodes:
+        raise UserError(f"lab {args.name} has no node {args.node} (nodes: {', '.join(sorted(nodes))})")
+    path = _lab(args.name).agent_log(args.node)
+    if not os.path.exists(path):
+        raise UserError(f"the agent of {args.node} has written no log yet ({path})")
+    out = sys.stdout.buffer
+    if not args.follow:
+        lab_logs.print_log(path, out)
+        return 0
+    try:
+        lab_logs.follow_log(path, out)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a follow ends
+    print(f"(the log ended: node {args.node} or lab {args.name} was removed)", file=sys.stderr)
     return 0
 
 
@@ -250,12 +355,19 @@ def parse_labels(values: list[str]) -> dict[str, str]:
 def pod_add(args: argparse.Namespace) -> int:
     namespace, pod = _split_pod(args.pod)
     out = _lab(args.name).add_pod(
-        args.node, namespace, pod, parse_labels(args.label), [parse_port(p) for p in args.port], args.runtime
+        args.node,
+        namespace,
+        pod,
+        parse_labels(args.label),
+        [parse_port(p) for p in args.port],
+        args.runtime,
+        serve=args.serve,
     )
     if args.json:
         print_json(out)
     else:
-        print(f"pod {out['pod']} on {out['node']}: {', '.join(out['ips'])}")
+        serving = f" (serving {', '.join(out['serving'])})" if out.get("serving") else ""
+        print(f"pod {out['pod']} on {out['node']}: {', '.join(out['ips'])}{serving}")
     return 0
 
 
@@ -286,6 +398,14 @@ def _process_word(state: str) -> str:
     return {"running": "running", "paused": "PAUSED"}.get(state, "STOPPED")
 
 
+def _serving(server: dict[str, Any] | None) -> str:
+    """A pod's `--serve` ports, and its server's state when it is not running."""
+    if not server:
+        return "-"
+    ports = ", ".join(server["ports"])
+    return ports if server["state"] == "running" else f"{ports} ({_process_word(server['state'])})"
+
+
 @_user_errors
 def status(args: argparse.Namespace) -> int:
     info = _lab(args.name).status()
@@ -307,8 +427,11 @@ def status(args: argparse.Namespace) -> int:
     if info["pods"]:
         print()
         print_table(
-            ["POD", "NODE", "IPS", "RUNTIME"],
-            [[p["pod"], p["node"], ", ".join(p["ips"]), p["runtime"]] for p in info["pods"]],
+            ["POD", "NODE", "IPS", "RUNTIME", "SERVING"],
+            [
+                [p["pod"], p["node"], ", ".join(p["ips"]), p["runtime"], _serving(p.get("serving"))]
+                for p in info["pods"]
+            ],
         )
     for p in info["podsInProgress"]:
         doing = "being added" if p["phase"] == "adding" else "being deleted"
@@ -317,6 +440,11 @@ def status(args: argparse.Namespace) -> int:
         print(f"pod {p['pod']} on {p['node']}: {doing}")
     for key in info["podsGone"]:
         print(f"pod {key}: gone (its namespace is gone; `tulle lab pod del {info['name']} {key}` clears it)")
+    for p in info.get("podsOfRemovedNodes", []):
+        print(
+            f"pod {p['pod']}: its node {p['node']} was removed; the agents delete its Pod object after "
+            f"--node-grace (`tulle lab pod del {info['name']} {p['pod']}` clears it now)"
+        )
     if info["pendingPodDeletes"]:
         print(f"Pod objects to delete when etcd answers: {', '.join(info['pendingPodDeletes'])}")
     ext = info.get("external", {})

@@ -22,6 +22,11 @@ from tulle.policy.compiler import PolicyModel, compile_policies
 from tulle.policy.inputs import inputs_from_objects
 from tulle.policy.trace import protocol_number, trace
 
+# The exit statuses of `policy trace`, for scripts (argparse's own errors are 2 as well).
+EXIT_ALLOWED = 0
+EXIT_DENIED = 1
+EXIT_ERROR = 2
+
 
 def register(sub: Any) -> None:
     policy = sub.add_parser("policy", help="NetworkPolicy tools", description="NetworkPolicy tools")
@@ -31,16 +36,23 @@ def register(sub: Any) -> None:
         help="explain whether a flow is allowed",
         description=(
             "Say whether policy allows a flow and why: which policies isolate the source (egress) "
-            "and the destination (ingress), and which rule allows it or that none does."
+            "and the destination (ingress), and which rule allows it or that none does. Rules are "
+            "named by policy, direction and number, counted from 1 in the policy's spec.ingress or "
+            "spec.egress: `policy shop/allow-web, ingress rule 1 (from pods app=client in namespace "
+            "shop, port 80/TCP)`."
+        ),
+        epilog=(
+            "exit status: 0 if the flow is allowed, 1 if it is denied, 2 on an error (a bad "
+            "argument, an unknown pod, an unreachable datastore), so that scripts can test a flow."
         ),
     )
     p.add_argument("src", metavar="SRC", help="source: NAMESPACE/POD, POD (in default) or an address")
     p.add_argument("dst", metavar="DST", help="destination: NAMESPACE/POD, POD (in default) or an address")
     p.add_argument("port", metavar="PORT/PROTO", help="destination port and protocol: 80/tcp, 53/udp, 9/sctp, icmp")
     p.add_argument("--family", type=int, choices=(4, 6), default=4, help="address family of pods (default 4)")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
     add_datastore_args(p)
-    p.set_defaults(func=run_trace)
+    p.set_defaults(func=run_trace, error_status=EXIT_ERROR)
 
 
 def parse_port(text: str) -> tuple[int, int | None]:
@@ -117,4 +129,4 @@ def run_trace(args: argparse.Namespace) -> int:
         print_json(result.to_json())
     else:
         print("\n".join(result.lines()))
-    return 0
+    return EXIT_ALLOWED if result.allowed else EXIT_DENIED

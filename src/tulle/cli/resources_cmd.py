@@ -19,16 +19,30 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from tulle.agent.node import is_ready, with_ready_condition
 from tulle.cli.common import UserError, add_datastore_args, atomic_writer, open_datastore, print_json, print_table
+from tulle.cli.conventions import CliParser
+from tulle.cli.related import NodeShare, node_addresses, node_shares, pod_addresses, routing_mode, sorted_cidrs
 from tulle.datastore.base import Applied, Conflict, Datastore, DatastoreError, Obj, PartlyApplied
 from tulle.model import kinds, selectors
-from tulle.model.kinds import IP_POOL, NAMESPACE, NETWORK_POLICY, NODE, POD, Kind, resource
+from tulle.model.kinds import (
+    IP_POOL,
+    IPAM_BLOCK,
+    NAMESPACE,
+    NETWORK_POLICY,
+    NODE,
+    POD,
+    WORKLOAD_ENDPOINT,
+    Kind,
+    resource,
+)
+from tulle.model.node_report import underlay_of
+from tulle.model.pod_status import with_node_presence
 from tulle.model.validation import (
     ADMITTED,
     AdmissionError,
@@ -40,7 +54,7 @@ from tulle.model.validation import (
 )
 
 
-class _FlagsAnywhere(argparse.ArgumentParser):
+class _FlagsAnywhere(CliParser):
     """kubectl takes flags between names (`get pod -n web a`, `label pod a -n web k=v`); argparse
     does that only when asked for intermixed parsing, which a parser without subparsers allows."""
 
@@ -90,7 +104,7 @@ def register(sub: Any) -> None:
         description="Show objects of one kind: KIND is kubectl's name for it (netpol, ns, po...).",
     )
     p.add_argument("kind", metavar="KIND", help="networkpolicy|netpol, namespace|ns, pod|po, ippool, ... or KIND/NAME")
-    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("names", nargs="*", metavar="NAME", help="the objects to show (default: all)")
     _namespace_args(p)
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
     p.add_argument("-o", "--output", choices=("json", "yaml", "wide", "name"), help="output format")
@@ -103,10 +117,10 @@ def register(sub: Any) -> None:
         sub,
         "delete",
         help="delete objects by name",
-        description="Delete objects; deleting a Namespace deletes its Pods and NetworkPolicies.",
+        description="Delete objects; deleting a Namespace deletes its Pods, NetworkPolicies and WorkloadEndpoints.",
     )
     p.add_argument("kind", metavar="KIND", help="kubectl's name for the kind, or KIND/NAME")
-    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("names", nargs="*", metavar="NAME", help="the objects to delete")
     _namespace_args(p)
     p.add_argument("--ignore-not-found", action="store_true", help="an object that is not there is no error")
     add_datastore_args(p)
@@ -119,7 +133,9 @@ def register(sub: Any) -> None:
         description="KEY=VALUE sets a label (changing one needs --overwrite); KEY- removes it.",
     )
     p.add_argument("kind", metavar="KIND", help="kubectl's name for the kind, or KIND/NAME")
-    p.add_argument("args", nargs="+", metavar="NAME|KEY=VALUE|KEY-")
+    p.add_argument(
+        "args", nargs="+", metavar="NAME|KEY=VALUE|KEY-", help="the object's name (unless KIND/NAME), then the changes"
+    )
     _namespace_args(p)
     p.add_argument("--overwrite", action="store_true", help="allow changing the value of an existing label")
     add_datastore_args(p)
@@ -440,8 +456,26 @@ def _labels_text(obj: Obj) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "<none>"
 
 
-def _columns(kind: Kind, wide: bool) -> tuple[list[str], Any]:
+@dataclass
+class _Related:
+    """What rows show of other objects: the nodes' blocks and pods, the pods' endpoints."""
+
+    shares: dict[str, NodeShare] = field(default_factory=dict)
+    endpoints: list[Obj] = field(default_factory=list)
+
+
+def _related(store: Datastore, kind: Kind, wide: bool) -> _Related:
+    if kind is NODE:
+        pods, endpoints, blocks = (store.list(k)[0] for k in (POD, WORKLOAD_ENDPOINT, IPAM_BLOCK))
+        return _Related(shares=node_shares([], pods, endpoints, blocks))
+    if kind is POD and wide:
+        return _Related(endpoints=store.list(WORKLOAD_ENDPOINT)[0])
+    return _Related()
+
+
+def _columns(kind: Kind, wide: bool, related: _Related | None = None) -> tuple[list[str], Any]:
     """The headers and a row function for a kind, like kubectl's table printers."""
+    related = related or _Related()
 
     def pod(obj: Obj) -> list[str]:
         status = obj.get("status") or {}
@@ -451,7 +485,28 @@ def _columns(kind: Kind, wide: bool) -> tuple[list[str], Any]:
         restarts = sum(int(s.get("restartCount", 0)) for s in statuses)
         row = [f"{ready}/{len(containers)}", status.get("phase") or "Pending", str(restarts)]
         if wide:
-            row += [status.get("podIP") or "<none>", (obj.get("spec") or {}).get("nodeName") or "<none>"]
+            addresses = ",".join(pod_addresses(obj, related.endpoints))
+            row += [addresses or "<none>", (obj.get("spec") or {}).get("nodeName") or "<none>"]
+        return row
+
+    def node(obj: Obj) -> list[str]:
+        share = related.shares.get(obj["metadata"]["name"]) or NodeShare()
+        row = [
+            "Ready" if is_ready(obj) else "NotReady",
+            routing_mode(obj),
+            ",".join(node_addresses(obj)) or "<none>",
+            str(len(share.blocks)),
+            str(len(share.pods)),
+        ]
+        if wide:
+            row += [",".join(sorted_cidrs(share.blocks)) or "<none>", underlay_of(obj) or "<unknown>"]
+        return row
+
+    def network_policy(obj: Obj) -> list[str]:
+        spec = obj.get("spec") or {}
+        row = [selector_text(spec.get("podSelector"))]
+        if wide:
+            row.append(",".join(str(t) for t in spec.get("policyTypes") or []) or "<none>")
         return row
 
     if kind is POD:
@@ -459,9 +514,10 @@ def _columns(kind: Kind, wide: bool) -> tuple[list[str], Any]:
     if kind is NAMESPACE:
         return ["STATUS", "AGE"], lambda o: [(o.get("status") or {}).get("phase") or "Active"]
     if kind is NODE:
-        return ["STATUS", "AGE"], lambda o: ["Ready" if is_ready(o) else "NotReady"]
+        headers = ["STATUS", "MODE", "ADDRESSES", "BLOCKS", "PODS", "AGE"]
+        return headers + (["BLOCK-CIDRS", "UNDERLAY"] if wide else []), node
     if kind is NETWORK_POLICY:
-        return ["POD-SELECTOR", "AGE"], lambda o: [selector_text((o.get("spec") or {}).get("podSelector"))]
+        return ["POD-SELECTOR", "AGE", *(["POLICY-TYPES"] if wide else [])], network_policy
     if kind is IP_POOL:
         return ["CIDR", "BLOCKSIZE", "AGE"], lambda o: [
             str((o.get("spec") or {}).get("cidr", "")),
@@ -470,8 +526,8 @@ def _columns(kind: Kind, wide: bool) -> tuple[list[str], Any]:
     return ["AGE"], lambda o: []
 
 
-def _print_table(kind: Kind, objects: list[Obj], args: argparse.Namespace) -> None:
-    headers, row = _columns(kind, args.output == "wide")
+def _print_table(kind: Kind, objects: list[Obj], args: argparse.Namespace, related: _Related | None = None) -> None:
+    headers, row = _columns(kind, args.output == "wide", related)
     # AGE sits before the wide columns, as in kubectl
     age_at = headers.index("AGE")
     show_ns = kind.namespaced and args.all_namespaces
@@ -494,7 +550,9 @@ def _print_table(kind: Kind, objects: list[Obj], args: argparse.Namespace) -> No
     print_table(full, rows)
 
 
-def _print_objects(kind: Kind, objects: list[Obj], args: argparse.Namespace, single: bool) -> None:
+def _print_objects(
+    kind: Kind, objects: list[Obj], args: argparse.Namespace, single: bool, related: _Related | None = None
+) -> None:
     if args.output in ("json", "yaml"):
         data: Any = objects[0] if single else {
             "apiVersion": "v1", "kind": "List", "items": objects, "metadata": {"resourceVersion": ""}
@@ -507,7 +565,7 @@ def _print_objects(kind: Kind, objects: list[Obj], args: argparse.Namespace, sin
         for obj in objects:
             print(f"{ref(kind)}/{obj['metadata']['name']}")
     elif objects:
-        _print_table(kind, objects, args)
+        _print_table(kind, objects, args, related)
 
 
 def _split_top(text: str) -> list[str]:
@@ -570,6 +628,14 @@ def _with_liveness(store: Datastore, nodes: list[Obj]) -> list[Obj]:
     return [with_ready_condition(n, n["metadata"]["name"] in alive) for n in nodes]
 
 
+def _with_node_presence(store: Datastore, pods: list[Obj]) -> list[Obj]:
+    """Pods, those of a node that is gone shown as lost (phase Unknown, not ready)."""
+    if not any((p.get("spec") or {}).get("nodeName") for p in pods):
+        return pods
+    nodes = {n["metadata"]["name"] for n in store.list(NODE)[0]}
+    return with_node_presence(pods, nodes)
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     kind, names = _kind_and_names(args.kind, args.names)
     if names and args.all_namespaces:
@@ -591,18 +657,24 @@ def cmd_get(args: argparse.Namespace) -> int:
                     found.append(obj)
             if kind is NODE:
                 found = _with_liveness(store, found)
+            if kind is POD:
+                found = _with_node_presence(store, found)
             if found:
-                _print_objects(kind, found, args, single=len(names) == 1)
+                related = _related(store, kind, args.output == "wide") if args.output in (None, "wide") else None
+                _print_objects(kind, found, args, single=len(names) == 1, related=related)
             return status
         objects, _ = store.list(kind, namespace)
         if kind is NODE:
             objects = _with_liveness(store, objects)
-    objects = [o for o in objects if selectors.matches(wanted, o.get("metadata", {}).get("labels") or {})]
+        if kind is POD:
+            objects = _with_node_presence(store, objects)
+        objects = [o for o in objects if selectors.matches(wanted, o.get("metadata", {}).get("labels") or {})]
+        related = _related(store, kind, args.output == "wide") if objects and args.output in (None, "wide") else None
     if not objects and args.output not in ("json", "yaml"):
         where = f" in {namespace} namespace" if namespace else ""
         print(f"No resources found{where}.", file=sys.stderr)
         return 0
-    _print_objects(kind, objects, args, single=False)
+    _print_objects(kind, objects, args, single=False, related=related)
     return 0
 
 

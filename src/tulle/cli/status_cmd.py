@@ -19,7 +19,7 @@ def register(sub: Any) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lab", metavar="NAME", help="every node of the lab NAME")
     group.add_argument("--socket", default="/run/tulle/agent.sock", help="this host's agent (default: %(default)s)")
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
     p.set_defaults(func=run)
 
 

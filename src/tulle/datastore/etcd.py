@@ -48,7 +48,7 @@ from tulle.datastore.etcd_client import (
     UnchangedOp,
 )
 from tulle.datastore.objects import NAMESPACE_CASCADE, carry_over, complete, decode, encode, identity, plan_apply
-from tulle.model.kinds import IPAM_BLOCK, NAMESPACE, NODE, WORKLOAD_ENDPOINT, Kind
+from tulle.model.kinds import IPAM_BLOCK, NAMESPACE, NODE, POD, WORKLOAD_ENDPOINT, Kind
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +281,13 @@ class EtcdDatastore:
     # -- access (AccessControl) -----------------------------------------------------------------
 
     def agent_grants(self) -> _Grants:
-        """What every agent may do: read the cluster, write the kinds agents write."""
+        """What every agent may do: read the cluster, write the kinds agents write, and delete the
+        Pods of a removed node (etcd cannot grant a delete alone: write is the least that does)."""
         return [
             Grant("READ", f"{self.prefix}/", prefix=True),
             Grant("READWRITE", self._kind_prefix(WORKLOAD_ENDPOINT), prefix=True),
             Grant("READWRITE", self._kind_prefix(IPAM_BLOCK), prefix=True),
+            Grant("WRITE", self._kind_prefix(POD), prefix=True),
         ]
 
     def node_grants(self, node: str) -> _Grants:
@@ -395,7 +397,8 @@ class EtcdDatastore:
         raise Conflict("the objects keep changing under this apply; try again")
 
     def delete_namespace(self, name: str) -> bool:
-        """Delete the Namespace and, in the same transaction, every Pod and NetworkPolicy in it.
+        """Delete the Namespace and, in the same transaction, every Pod, NetworkPolicy and
+        WorkloadEndpoint in it.
 
         Kubernetes' namespace controller does this in the background; at once is simpler and
         leaves no window in which the objects outlive their namespace. Admission guards the

@@ -10,11 +10,13 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from tulle.datastore.base import Applied, Conflict, Obj
-from tulle.model.kinds import KINDS, NETWORK_POLICY, POD, Kind, by_kind, resource
+from tulle.model.kinds import KINDS, Kind, by_kind, resource
 
-# What deleting a Namespace takes with it. WorkloadEndpoints stay: the agent removes them when
-# the runtime tears the pod down (CNI DEL), as the kubelet does in Kubernetes.
-NAMESPACE_CASCADE: tuple[Kind, ...] = (POD, NETWORK_POLICY)
+# What deleting a Namespace takes with it: every namespaced kind, as Kubernetes' namespace
+# controller deletes every object in a namespace (WorkloadEndpoints are a CRD there). A pod whose
+# network is still up (its runtime has not sent CNI DEL yet) has its endpoint published again
+# by its node's agent until it is torn down: the address is still in use on that node.
+NAMESPACE_CASCADE: tuple[Kind, ...] = tuple(kind for kind in KINDS if kind.namespaced)
 
 
 def kind_of(obj: Obj) -> Kind:

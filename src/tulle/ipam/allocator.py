@@ -23,6 +23,7 @@ import copy
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,20 @@ from tulle.model.kinds import IPAM_BLOCK
 from tulle.model.pools import IPAddress, IPNetwork, Pool
 
 log = logging.getLogger(__name__)
+
+# Each allocation records when it was made (UTC, to the second, as a creationTimestamp): an
+# allocation without an endpoint is an ADD in progress while it is young and a leak once it is
+# not (`tulle ipam show`; docs/design/ipam.md, "Leaks").
+ALLOCATED_AT = "allocatedAt"
+
+
+def timestamp(epoch: float) -> str:
+    """An allocation's time as it is stored.
+
+    >>> timestamp(0)
+    '1970-01-01T00:00:00Z'
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 class IpamError(Exception):
@@ -125,12 +140,19 @@ class NodeAllocator:
     [IPv4Address('10.244.3.0'), IPv6Address('fd00:10:244::c0')]
     """
 
-    def __init__(self, datastore: Datastore, node: str, pools: Callable[[], list[Pool]]) -> None:
+    def __init__(
+        self, datastore: Datastore, node: str, pools: Callable[[], list[Pool]], clock: Callable[[], float] = time.time
+    ) -> None:
         self.datastore = datastore
         self.node = node
         self._pools = pools
+        self._clock = clock
         self._lock = threading.RLock()
         self._blocks: dict[str, Block] | None = None
+
+    def _holding(self, handle: str, attrs: dict[str, Any]) -> dict[str, Any]:
+        """What an allocation records: its handle, the caller's attributes and when it was made."""
+        return dict(attrs, handle=handle, **{ALLOCATED_AT: timestamp(self._clock())})
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -192,7 +214,7 @@ class NodeAllocator:
         if first is not None:
             address = block.free_address(first.held)
             if address is not None:
-                block.allocations[str(address)] = dict(first.attrs, handle=first.handle)
+                block.allocations[str(address)] = self._holding(first.handle, first.attrs)
         try:
             stored = self.datastore.create(block.to_object())
         except AlreadyExists:
@@ -246,7 +268,7 @@ class NodeAllocator:
                 address = block.free_address(held)
                 if address is None:
                     continue
-                block.allocations[str(address)] = dict(attrs, handle=handle)
+                block.allocations[str(address)] = self._holding(handle, attrs)
                 if self._write(block):
                     return address
                 break  # the block changed under us (invariant 2): read again
@@ -333,7 +355,7 @@ class NodeAllocator:
                                 f"{holder.get('pod') or holder.get('handle')}"
                             )
                         elif holder is None:
-                            block.allocations[address] = dict(attrs, handle=handle)
+                            block.allocations[address] = self._holding(handle, attrs)
                             changed[block.name] = block
                             recorded.append(address)
                 if all(self._write(b) for b in changed.values()):

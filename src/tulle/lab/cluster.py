@@ -19,17 +19,21 @@ from urllib.parse import urlsplit
 
 from tulle.cni.conflist import conflist, write_conflist
 from tulle.dataplane.netns import run_in_netns
-from tulle.datastore.base import AccessControl, AtomicWriter, Datastore, Login, Obj, TlsFiles
+from tulle.datastore.base import AccessControl, AtomicWriter, Datastore, DatastoreError, Login, Obj, TlsFiles
 from tulle.datastore.factory import open_datastore
 from tulle.lab import pki, topology
 from tulle.lab import state as lab_state
 from tulle.lab.etcd_server import EtcdServer, ServerTls, pid_alive, stop_pid
 from tulle.lab.etcd_server import start_etcd as launch_etcd
+from tulle.lab.namespaces import PODMAN_NETNS_PREFIX, HeldNamespaces, podman_namespaces_linked_to, stop_processes_in
+from tulle.lab.pod_server import ServeError, served_ports
+from tulle.lab.pod_server import start as start_pod_server
 from tulle.lab.podman import Podman, make_rootfs
 from tulle.lab.runtime import CniRuntime
 from tulle.lab.topology import Names, TopologyError
 from tulle.model.kinds import NAMESPACE, NODE, POD
 from tulle.model.pools import pool_object
+from tulle.model.validation import AdmissionError, AdmissionErrors
 
 T = TypeVar("T")
 
@@ -37,6 +41,7 @@ REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 CNI_BIN_DIR = os.path.join(REPO, "bin", "cni")
 CNI_PATH = [CNI_BIN_DIR, "/usr/lib/cni"]
 NETWORK = "tulle"
+POD_SERVER = "pod_server"  # in the command line of every `--serve` process: who it is, by PID
 ETCD_PORT = 2379
 ETCD_PEER_PORT = 2380
 DEFAULT_POOLS = {4: ("default-ipv4", "10.244.0.0/16", 26), 6: ("default-ipv6", "fd00:10:244::/104", 122)}
@@ -44,6 +49,15 @@ DEFAULT_POOLS = {4: ("default-ipv4", "10.244.0.0/16", 26), 6: ("default-ipv6", "
 
 class LabError(Exception):
     pass
+
+
+class LabExists(LabError):
+    """`lab up` of a name that a lab on this machine has already."""
+
+
+# How long a command on one node's agent waits for it to get ready before it asks whether the
+# lab's etcd answers at all.
+DATASTORE_PATIENCE_S = 3.0
 
 
 def _subnet_for(index: int, mode: str) -> int:
@@ -171,8 +185,10 @@ class Lab:
         connection_limit: int | None = None,
         source_verification: bool = True,
     ) -> dict[str, Any]:
-        if os.path.exists(lab_state.state_path(self.name)) or topology.lab_namespaces(self.name):
-            raise LabError(f"lab {self.name!r} exists already; `tulle lab down {self.name}` first")
+        if not 1 <= nodes <= topology.MAX_NODE_INDEX:
+            raise LabError(f"nodes: a lab has 1 to {topology.MAX_NODE_INDEX} nodes, not {nodes}")
+        if self.exists():
+            raise LabExists(f"lab {self.name!r} exists already")
         if not os.path.exists(os.path.join(CNI_BIN_DIR, "tulle")):
             raise LabError(f"the CNI plugin is not built ({CNI_BIN_DIR}/tulle): run `make cni`")
         os.makedirs(self.dir, exist_ok=True)
@@ -234,18 +250,60 @@ class Lab:
     def _create_pools(store: Datastore, families: list[int]) -> None:
         _apply(store, [pool_object(*DEFAULT_POOLS[family]) for family in families])
 
+    def exists(self) -> bool:
+        """Whether anything of the lab is on this machine: its folder, or a namespace named after it."""
+        return os.path.isdir(self.dir) or bool(topology.lab_namespaces(self.name))
+
     def down(self, progress: Callable[[str], None] = lambda _m: None) -> None:
-        """Stop every process of the lab by PID and remove everything it made."""
+        """Stop every process of the lab by PID and remove everything it made: first its own
+        processes, each with its clean shutdown, then any other that runs in one of its namespaces
+        (started with `lab exec` and left running), then the namespaces, podman's included."""
         try:
             state = lab_state.load(self.name)
         except lab_state.LabNotFound:
             state = {}
+        podman_namespaces = self._podman_namespaces(state)  # before `podman rm` unlinks them
+        named = [f"/run/netns/{ns}" for ns in topology.lab_namespaces(self.name)]
+        with HeldNamespaces([*named, *podman_namespaces]) as held:
+            self._stop_own_processes(state, progress)
+            progress("processes left in the lab's namespaces")
+            stop_processes_in(held.ids)
+            progress("namespaces")
+            for ns in topology.lab_namespaces(self.name):
+                topology.del_netns(ns)
+            for path in podman_namespaces:
+                topology.del_netns(os.path.basename(path))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _podman_namespaces(self, state: dict[str, Any]) -> list[str]:
+        """The namespaces podman made for the lab's containers (/run/netns/netns-<uuid>): those the
+        lab recorded, and those linked to one of its namespaces, which no record may name (a lost
+        lab.json, a command killed halfway)."""
+        recorded = [
+            str(pod["netns"])
+            for pod in state.get("pods", {}).values()
+            if pod.get("runtime") == "podman"
+            and os.path.basename(str(pod.get("netns", ""))).startswith(PODMAN_NETNS_PREFIX)
+        ]
+        linked = [
+            f"/run/netns/{podman_ns}"
+            for ns in topology.lab_namespaces(self.name)
+            for podman_ns in podman_namespaces_linked_to(ns)
+        ]
+        return sorted({*recorded, *linked})
+
+    def _stop_own_processes(self, state: dict[str, Any], progress: Callable[[str], None]) -> None:
+        """The processes the lab started: pod servers, agents and etcd by the PIDs it recorded, and
+        every podman container of every node that has podman's storage, recorded or not (podman
+        also unmounts what it mounted for them)."""
         for key, pod in sorted(state.get("pods", {}).items()):
-            if pod.get("runtime") == "podman":
-                progress(f"podman container {key}")
-                node = state["nodes"].get(pod["node"])
-                if node:
-                    self._podman(node, pod["node"]).remove(pod["container"])
+            if pod.get("server"):
+                progress(f"server of pod {key}")
+                _stop_pod_server(pod)
+        for node_name in self._nodes_with_podman():
+            progress(f"podman containers on {node_name}")
+            node_dir = self.node_dir(node_name)
+            Podman(node_dir, self.names.node(node_name), os.path.join(node_dir, "cni"), CNI_PATH).remove_all()
         for node_name, node in sorted(state.get("nodes", {}).items()):
             if node.get("pid"):
                 progress(f"agent {node_name}")
@@ -253,10 +311,15 @@ class Lab:
         if state.get("etcd", {}).get("pid"):
             progress("etcd")
             _stop(state["etcd"]["pid"], expect="etcd")
-        progress("namespaces")
-        for ns in topology.lab_namespaces(self.name):
-            topology.del_netns(ns)
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _nodes_with_podman(self) -> list[str]:
+        """The nodes whose folder holds podman's configuration: podman ran there."""
+        nodes_dir = os.path.join(self.dir, "nodes")
+        try:
+            nodes = os.listdir(nodes_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in nodes if os.path.exists(os.path.join(nodes_dir, n, "podman", "containers.conf")))
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -265,6 +328,11 @@ class Lab:
 
     def agent_socket(self, node: str) -> str:
         return os.path.join(self.node_dir(node), "agent.sock")
+
+    def agent_log(self, node: str) -> str:
+        """The file node's agent writes its output to (`tulle lab logs LAB NODE`); an agent started
+        again appends to it. It goes with its node (`lab node del`) or its lab (`lab down`)."""
+        return os.path.join(self.node_dir(node), "agent.log")
 
     def _add_node(self, state: dict[str, Any], node: str) -> None:
         self._reserve_node(state, node)
@@ -342,7 +410,7 @@ class Lab:
             # Reading the kernel back is the expensive part of the periodic work: never more
             # often than the agent's default, and as rarely as the resync when that is rarer.
             cmd += ["--resync", str(resync), "--verify-interval", str(max(resync, 90.0))]
-        with open(os.path.join(node_dir, "agent.log"), "ab") as log:
+        with open(self.agent_log(node), "ab") as log:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             proc = subprocess.Popen(
                 cmd,
@@ -359,8 +427,16 @@ class Lab:
 
         return call_agent(self.agent_socket(node), request, timeout)
 
-    def wait_agent_ready(self, state: dict[str, Any], node: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_agent_ready(
+        self, state: dict[str, Any], node: str, timeout: float = 60.0, datastore_patience: float | None = None
+    ) -> None:
+        """Until the node's agent says it is ready; a LabError if it exits or is not ready within
+        `timeout`. With `datastore_patience`, also once it is not ready after that many seconds and
+        the lab's etcd does not answer either: an agent cannot get ready without it, and a stopped
+        etcd is not brought back by waiting (one node's command says so at once; `lab up` waits)."""
+        started = time.monotonic()
+        deadline = started + timeout
+        next_probe = started + (datastore_patience if datastore_patience is not None else timeout)
         last = ""
         pid = state["nodes"][node]["pid"]
         while time.monotonic() < deadline:
@@ -373,8 +449,21 @@ class Lab:
                 last = status.get("lastError") or "not ready"
             except Exception as exc:
                 last = str(exc)
+            if time.monotonic() >= next_probe:
+                problem = self._etcd_problem(state)
+                if problem:
+                    raise LabError(f"the agent of {node} runs (pid {pid}) but cannot get ready: {problem}")
+                next_probe = time.monotonic() + 2.0
             time.sleep(0.1)
         raise LabError(f"the agent of {node} is not ready after {timeout:.0f} s ({last}); see its agent.log")
+
+    def _etcd_problem(self, state: dict[str, Any]) -> str:
+        """'' if the lab's etcd answers; otherwise why not, with its URL."""
+        try:
+            self.with_store(state, lambda store: store.get(NAMESPACE, "default"), timeout=2.0)
+        except DatastoreError as exc:
+            return str(exc)
+        return ""
 
     # An agent is stopped and started under a lock of its own (two restarts at once would leave
     # two agents on one node); the lab-wide lock is held only to write the PID, so a pod add
@@ -401,7 +490,7 @@ class Lab:
             if pid:
                 _stop(pid, expect="tulle")
             pid = self._spawn_agent(node)
-        self.wait_agent_ready(lab_state.load(self.name), node)
+        self.wait_agent_ready(lab_state.load(self.name), node, datastore_patience=DATASTORE_PATIENCE_S)
         return pid
 
     def stop_agent(self, node: str) -> None:
@@ -419,7 +508,7 @@ class Lab:
             if pid and pid_alive(pid):
                 return pid
             pid = self._spawn_agent(node)
-        self.wait_agent_ready(lab_state.load(self.name), node)
+        self.wait_agent_ready(lab_state.load(self.name), node, datastore_patience=DATASTORE_PATIENCE_S)
         return pid
 
     def add_node(self, node: str) -> dict[str, Any]:
@@ -433,21 +522,31 @@ class Lab:
         return record
 
     def del_node(self, node: str) -> None:
-        """The node goes away: its agent stops, its namespace (and pods) vanish, its Node object is
-        deleted; the other nodes drop their routes to it and free its blocks after the grace period.
-        Its pods' Pod objects go too, as Kubernetes collects the pods of a deleted node."""
+        """The node goes away as a machine does: its agent stops, its namespace and its pods'
+        (with their servers) vanish, its Node object is deleted; the other nodes drop their routes
+        to it at once. Its Pod objects stay, shown lost (`tulle get po`: Unknown), until the agents
+        delete them with their endpoints and the node's blocks after the grace period
+        (`--node-grace`), as Kubernetes' pod garbage collector does. The lab keeps its records of
+        those pods, marked `nodeRemoved`, until `tulle lab pod del` (or `lab down`) clears them."""
         with lab_state.exclusive(self.name, f"agent-{node}"), lab_state.locked(self.name) as state:
             record = state["nodes"].get(node)
             if record is None:
                 raise LabError(f"lab {self.name} has no node {node}")
             for key, pod in list(state["pods"].items()):
-                if pod["node"] == node:
-                    if pod.get("runtime") == "podman":
-                        self._podman(record, node).remove(pod["container"])
-                    elif pod.get("netns"):
-                        topology.del_netns(os.path.basename(pod["netns"]))
+                if pod["node"] != node or pod.get("nodeRemoved"):
+                    continue
+                _stop_pod_server(pod)
+                if pod.get("runtime") == "podman":
+                    self._podman(record, node).remove(pod["container"])
+                elif pod.get("netns"):
+                    topology.del_netns(os.path.basename(pod["netns"]))
+                if pod.get("phase"):
+                    # Being added or deleted by another command: out of the books, so that an
+                    # add fails rather than records a pod on a node that is gone.
                     del state["pods"][key]
                     _owe_pod_delete(state, key)
+                else:
+                    pod["nodeRemoved"] = True
             if record.get("pid"):
                 _stop(record["pid"], expect="tulle")
             topology.delete_node(self.names, node, record["index"])
@@ -455,7 +554,7 @@ class Lab:
             self._with_access_control(state, lambda store: store.remove_agent_user(node))
             shutil.rmtree(self.node_dir(node), ignore_errors=True)
             del state["nodes"][node]
-        self._retry_pod_deletes(timeout=5.0)
+        self._retry_pod_deletes(timeout=5.0)  # the Pod objects of pods that were being added
 
     # -- etcd -------------------------------------------------------------------------------
     # Stopped, started, paused and resumed by PID under a lock of its own, so that faults of the
@@ -547,14 +646,20 @@ class Lab:
         labels: dict[str, str],
         ports: list[dict[str, Any]],
         runtime: str = "cni",
+        serve: bool = False,
     ) -> dict[str, Any]:
         """Add a pod as a kubelet does: the Pod object, the sandbox's network (CNI ADD, or podman
         run), then the Pod's status. A failed add leaves nothing in the books: what it made is
-        undone, and a Pod object that cannot be deleted yet is owed."""
+        undone, and a Pod object that cannot be deleted yet is owed. With `serve`, a small
+        server in the pod answers on its declared TCP and UDP ports with the pod's name."""
         if runtime not in ("cni", "podman"):
             raise LabError(f"--runtime must be cni or podman, not {runtime!r}")
         if runtime == "podman" and namespace != "default":
             raise LabError("podman passes no K8S_POD_NAMESPACE, so podman pods live in namespace 'default'")
+        try:
+            served = served_ports(ports) if serve else []
+        except ServeError as exc:
+            raise LabError(str(exc)) from None
         key = f"{namespace}/{pod}"
         self._retry_pod_deletes()
         token = uuid.uuid4().hex
@@ -564,12 +669,18 @@ class Lab:
         try:
             conf = self._conflist(node)
             wrote_pod = True  # before the write: one that timed out may still have landed
-            self.with_store(state, lambda store: _write_pod_object(store, node, namespace, pod, labels, ports))
+            try:
+                self.with_store(state, lambda store: _write_pod_object(store, node, namespace, pod, labels, ports))
+            except (AdmissionError, AdmissionErrors):
+                wrote_pod = False  # refused whole: a Pod of that name that was there is not ours to delete
+                raise
             if runtime == "cni":
                 self._add_pod_network(record, conf, entry, undo)
             else:
                 self._start_podman_pod(record, node, pod, entry, undo)
             entry["ips"] = self._pod_addresses(entry["netns"])
+            if served:
+                self._start_pod_server(namespace, pod, entry, served, undo)
             host_ip = record["addresses"][0]
             self.with_store(state, lambda store: _mark_running(store, namespace, pod, entry["ips"], host_ip))
             self._record_added_pod(key, token, entry)
@@ -578,7 +689,29 @@ class Lab:
             deleted = not wrote_pod or self._delete_pod_object(state, namespace, pod)
             self._strike(key, token, pod_object_deleted=deleted)
             raise
-        return {"pod": key, "node": node, "ips": entry["ips"]}
+        out: dict[str, Any] = {"pod": key, "node": node, "ips": entry["ips"]}
+        if served:
+            out["serving"] = [f"{number}/{protocol}" for protocol, number in served]
+        return out
+
+    def _start_pod_server(
+        self,
+        namespace: str,
+        pod: str,
+        entry: dict[str, Any],
+        ports: list[tuple[str, int]],
+        undo: list[Callable[[], None]],
+    ) -> None:
+        """The pod's server in its namespace, recorded in its entry by PID; its stop goes on `undo`."""
+        log_dir = os.path.join(self.dir, "pods")
+        os.makedirs(log_dir, exist_ok=True)
+        log_path = os.path.join(log_dir, f"{namespace}.{pod}.serve.log")
+        try:
+            pid = start_pod_server(entry["netns"], pod, ports, log_path)
+        except ServeError as exc:
+            raise LabError(str(exc)) from None
+        entry["server"] = {"pid": pid, "ports": [list(p) for p in ports], "log": log_path}
+        undo.append(lambda: _stop_pod_server(entry))
 
     def _reserve_pod(
         self, node: str, namespace: str, pod: str, runtime: str, token: str
@@ -594,6 +727,8 @@ class Lab:
             if key in state["pods"]:
                 phase = state["pods"][key].get("phase")
                 busy = f" (being {'added' if phase == 'adding' else 'deleted'})" if phase else ""
+                if state["pods"][key].get("nodeRemoved"):
+                    busy = f" (its node was removed; `tulle lab pod del {self.name} {key}` clears it)"
                 raise LabError(f"pod {key} exists already in lab {self.name}{busy}")
             entry: dict[str, Any] = {"node": node, "runtime": runtime, "ifname": "eth0"}
             if runtime == "cni":
@@ -715,7 +850,8 @@ class Lab:
         """Delete a pod as a kubelet does: the sandbox's network (CNI DEL, or podman rm), then the
         Pod object. Once the DEL has succeeded and the namespace is gone, so is the pod, whatever
         the datastore says (the agent defers the address release when etcd is away, the plugin
-        the whole DEL when the agent is): a Pod object that cannot be deleted now is owed."""
+        the whole DEL when the agent is): a Pod object that cannot be deleted now is owed. A pod
+        whose node was removed has no network left: its record and Pod object go."""
         key = f"{namespace}/{pod}"
         self._retry_pod_deletes()
         token = uuid.uuid4().hex
@@ -730,11 +866,14 @@ class Lab:
                 doing = "added" if phase == "adding" else "deleted"
                 raise LabError(f"pod {key} is being {doing} by another command; try again when it is done")
             # A reservation whose owner died (a killed `lab pod add`) is deleted like a pod.
-            before = dict(entry)
+            before = {k: v for k, v in entry.items() if k != "server"}  # stopped first, whatever follows
             state["pods"][key] = dict(entry, phase="deleting", owner=_owner(), reservation=token)
-            record = state["nodes"][entry["node"]]
+            record = None if entry.get("nodeRemoved") else state["nodes"].get(entry["node"])
         try:
-            if entry["runtime"] == "podman":
+            _stop_pod_server(entry)
+            if record is None:
+                pass  # its node went with its network: the books and the Pod object are what is left
+            elif entry["runtime"] == "podman":
                 self._podman(record, entry["node"]).remove(entry["container"])
             else:
                 CniRuntime(CNI_PATH, f"/run/netns/{record['netns']}").delete(
@@ -759,6 +898,11 @@ class Lab:
         entry = state.get("pods", {}).get(f"{namespace}/{pod}")
         if entry is None or entry.get("phase"):
             raise LabError(f"lab {self.name} has no pod {namespace}/{pod}")
+        if entry.get("nodeRemoved"):
+            raise LabError(
+                f"pod {namespace}/{pod} was on node {entry['node']}, which was removed; "
+                f"`tulle lab pod del {self.name} {namespace}/{pod}` clears it"
+            )
         return str(entry["netns"])
 
     # -- status -----------------------------------------------------------------------------
@@ -783,10 +927,13 @@ class Lab:
         pods: list[dict[str, Any]] = []
         busy: list[dict[str, Any]] = []
         gone: list[str] = []
+        orphaned: list[dict[str, Any]] = []
         for key, p in sorted(state["pods"].items()):
             if p.get("phase"):
                 stale = not _owner_alive(p.get("owner", ""))
                 busy.append({"pod": key, "node": p["node"], "phase": p["phase"], "stale": stale})
+            elif p.get("nodeRemoved"):
+                orphaned.append({"pod": key, "node": p["node"]})
             elif not os.path.exists(p["netns"]):
                 gone.append(key)
             else:
@@ -797,6 +944,7 @@ class Lab:
                         "ips": p.get("ips", []),
                         "runtime": p["runtime"],
                         "netns": p["netns"],
+                        "serving": _pod_server_status(p),
                     }
                 )
         etcd = state.get("etcd", {})
@@ -813,6 +961,7 @@ class Lab:
             "pods": pods,
             "podsInProgress": busy,
             "podsGone": gone,
+            "podsOfRemovedNodes": orphaned,
             "pendingPodDeletes": list(state.get("pendingPodDeletes", [])),
             "external": state.get("external", {}),
         }
@@ -905,6 +1054,23 @@ def _stop(pid: int, expect: str) -> None:
     would otherwise be stopped by SIGKILL, without its clean shutdown, after stop_pid's wait."""
     _signal(pid, signal.SIGCONT, expect)
     stop_pid(pid, expect=expect)
+
+
+def _stop_pod_server(entry: dict[str, Any]) -> None:
+    """Stop the pod's `--serve` server by its PID, before its namespace goes (a process in a
+    network namespace keeps the namespace alive after its name is deleted)."""
+    pid = int((entry.get("server") or {}).get("pid") or 0)
+    if pid:
+        _stop(pid, expect=POD_SERVER)
+
+
+def _pod_server_status(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """What `lab status` shows of a pod's server: its PID, ports and whether it runs."""
+    server = entry.get("server")
+    if not server:
+        return None
+    ports = [f"{number}/{protocol}" for protocol, number in server.get("ports", [])]
+    return {"pid": server.get("pid"), "ports": ports, "state": _process_state(int(server.get("pid") or 0), POD_SERVER)}
 
 
 def _start_time(pid: int) -> str:

@@ -86,6 +86,10 @@ class Podman:
     def remove(self, name: str) -> None:
         self.run("rm", "-f", "-t", "0", name, check=False)
 
+    def remove_all(self) -> None:
+        """Remove every container of this node's podman, whether or not a record names it."""
+        self.run("rm", "--all", "-f", "-t", "0", check=False)
+
     def names(self) -> list[str]:
         proc = self.run("ps", "-a", "--format", "{{.Names}}", check=False)
         return [line for line in proc.stdout.split() if line]

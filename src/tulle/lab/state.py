@@ -52,6 +52,8 @@ def save(name: str, state: dict[str, Any]) -> None:
 @contextmanager
 def locked(name: str) -> Iterator[dict[str, Any]]:
     """The lab's state, locked against other `tulle lab` commands, saved on exit."""
+    if not os.path.isdir(lab_dir(name)):
+        load(name)  # LabNotFound: a typo must not create a lab folder (`lab up` makes it)
     os.makedirs(lab_dir(name), exist_ok=True)
     with open(os.path.join(lab_dir(name), ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 NODE_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 EXT_SUBNET = 100
+# Node i is at 172.30.S.(10 + i) (node_addresses): .254 is the last host address of the /24.
+MAX_NODE_INDEX = 244
 
 
 class TopologyError(Exception):

@@ -61,6 +61,11 @@ def _is_network_with_host_bits(text: str) -> bool:
         return False
 
 
+# The IPAM handle of a node's VXLAN tunnel address: `tulle-tunnel/<node>/v<family>`. Held by the
+# node itself, never by an endpoint, and never garbage-collected.
+TUNNEL_HANDLE_PREFIX = "tulle-tunnel/"
+
+
 def handle_for(network: str, container_id: str, ifname: str) -> str:
     """The IPAM handle of one attachment: the CNI spec's key for a container's interface."""
     return f"{network}/{container_id}/{ifname}"

@@ -8,6 +8,9 @@ Invariants (each guarded by a test in tests/unit/test_validation.py):
   validation), so a misspelt `namespaceSelecter` cannot widen a policy;
 - IP pools never share an address, and a pool's cidr and blockSize never change once it exists
   (blocks and addresses are handed out from it);
+- an update of a Pod changes its spec only where the API server's ValidatePodUpdate lets it
+  (images, activeDeadlineSeconds, added tolerations, removed schedulingGates, ...); every
+  other changed field is named, `field is immutable`, and nothing is written;
 - a namespaced object is written only into a namespace that exists.
 
 `admit(obj, store)` checks one object; `admit_all(objects, store)` checks a batch (one
@@ -891,6 +894,9 @@ def _check_against(
                 if not known_namespaces[namespace]:
                     errors.append((i, AdmissionError("NotFound", f'namespaces "{namespace}" not found')))
                     continue
+        if kind is POD and (refused := _pod_update_refused(obj, store)) is not None:
+            errors.append((i, refused))
+            continue
         if kind is IP_POOL and pool is not None:
             if stored_pools is None:
                 listed, _ = store.list(IP_POOL)
@@ -905,6 +911,155 @@ def _check_against(
             if field_errors:
                 errors.append((i, ValidationError(kind, meta["name"], field_errors)))
     return errors
+
+
+# --- pod updates (ValidatePodUpdate, k8s.io/kubernetes/pkg/apis/core/validation) ---------------
+
+# What the API server lets an update of a Pod change besides labels and annotations; the rest of
+# the spec is fixed when the pod is created (status is reported apart, by the kubelet or the lab).
+UPDATABLE_POD_SPEC_FIELDS = (
+    "`spec.containers[*].image`",
+    "`spec.initContainers[*].image`",
+    "`spec.activeDeadlineSeconds`",
+    "`spec.tolerations` (only additions to existing tolerations)",
+    "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+)
+_MAX_INT32 = 2**31 - 1
+
+
+def _without_zero_values(value: Any) -> Any:
+    """A JSON value as Go decodes it for comparison: null, "", false, [] and {} are the zero
+    values of their fields, equal to leaving the field out (apiequality.Semantic)."""
+    if isinstance(value, dict):
+        kept = {k: _without_zero_values(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in (None, "", False, [], {})}
+    if isinstance(value, list):
+        return [_without_zero_values(v) for v in value]
+    return value
+
+
+def changed_fields(old: Any, new: Any, path: str) -> list[str]:
+    """The paths at which two JSON values differ, as field paths (`spec.containers[0].ports`).
+
+    >>> changed_fields({"a": [1, {"b": 2}], "c": 3}, {"a": [1, {"b": 4}], "d": 3}, "spec")
+    ['spec.a[1].b', 'spec.c', 'spec.d']
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            f
+            for key in sorted(set(old) | set(new))
+            for f in changed_fields(old.get(key), new.get(key), f"{path}.{key}")
+        ]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [f for i, (o, n) in enumerate(zip(old, new, strict=True)) for f in changed_fields(o, n, f"{path}[{i}]")]
+    return [] if old == new else [path]
+
+
+def _container_update_errors(new_spec: dict[str, Any], old_spec: dict[str, Any]) -> list[FieldError]:
+    errs: list[FieldError] = []
+    for field in ("containers", "initContainers"):
+        new, old = _list_of(new_spec.get(field)), _list_of(old_spec.get(field))
+        if len(new) != len(old):
+            return [forbidden(f"spec.{field}", "pod updates may not add or remove containers")]
+        for i, container in enumerate(new):
+            image = container.get("image") if isinstance(container, dict) else None
+            if isinstance(image, str) and image.strip() != image:
+                errs.append(invalid(f"spec.{field}[{i}].image", image, "must not have leading or trailing whitespace"))
+    return errs
+
+
+def _deadline_update_errors(new: Any, old: Any) -> list[FieldError]:
+    """Set from nothing to a positive value, or lowered; never raised or unset."""
+    path = "spec.activeDeadlineSeconds"
+    if new is None:
+        return [] if old is None else [invalid(path, None, "must not update from a positive integer to nil value")]
+    if isinstance(new, bool) or not isinstance(new, int) or not 0 <= new <= _MAX_INT32:
+        return [invalid(path, new, f"must be between 0 and {_MAX_INT32}, inclusive")]
+    if isinstance(old, int) and old < new:
+        return [invalid(path, new, "must be less than or equal to previous value")]
+    return []
+
+
+def _toleration_update_errors(new: list[Any], old: list[Any]) -> list[FieldError]:
+    """Tolerations may be added; one there may change only its tolerationSeconds."""
+
+    def fixed(toleration: Any) -> Any:
+        rest = dict(toleration) if isinstance(toleration, dict) else toleration
+        if isinstance(rest, dict):
+            rest.pop("tolerationSeconds", None)
+        return _without_zero_values(rest)
+
+    kept = [fixed(t) for t in new]
+    if any(fixed(t) not in kept for t in old):
+        return [forbidden("spec.tolerations", "existing toleration can not be modified except its tolerationSeconds")]
+    return []
+
+
+def _scheduling_gate_update_errors(new: list[Any], old: list[Any]) -> list[FieldError]:
+    """Gates may only be removed (a scheduler waits for them to go)."""
+    before = {g.get("name") for g in old if isinstance(g, dict)}
+    errs = []
+    for i, gate in enumerate(new):
+        name = gate.get("name") if isinstance(gate, dict) else gate
+        if name not in before:
+            errs.append(
+                forbidden(
+                    f"spec.schedulingGates[{i}].name",
+                    f"only deletion is allowed, but found new scheduling gate '{name}'",
+                )
+            )
+    return errs
+
+
+def pod_update_errors(new: Obj, old: Obj) -> list[FieldError]:
+    """Why the API server would refuse `new` as an update of the stored Pod `old` (both defaulted):
+    of the spec, only the fields in UPDATABLE_POD_SPEC_FIELDS may change, and those only as
+    ValidatePodUpdate allows. Each other field that changed is named: `field is immutable`.
+
+    >>> old = {"spec": {"nodeName": "node1", "containers": [{"name": "main", "image": "busybox"}]}}
+    >>> new = {"spec": {"nodeName": "node2", "containers": [{"name": "main", "image": "nginx"}]}}
+    >>> [str(e) for e in pod_update_errors(new, old)][0]
+    'spec.nodeName: Forbidden: field is immutable'
+    """
+    new_spec = new.get("spec") if isinstance(new.get("spec"), dict) else {}
+    old_spec = old.get("spec") if isinstance(old.get("spec"), dict) else {}
+    assert isinstance(new_spec, dict) and isinstance(old_spec, dict)
+    errs = _container_update_errors(new_spec, old_spec)
+    if any(e.field in ("spec.containers", "spec.initContainers") for e in errs):
+        return errs  # containers added or removed: comparing them one by one says nothing more
+    errs += _deadline_update_errors(new_spec.get("activeDeadlineSeconds"), old_spec.get("activeDeadlineSeconds"))
+    errs += _toleration_update_errors(_list_of(new_spec.get("tolerations")), _list_of(old_spec.get("tolerations")))
+    errs += _scheduling_gate_update_errors(
+        _list_of(new_spec.get("schedulingGates")), _list_of(old_spec.get("schedulingGates"))
+    )
+    # What may change is taken from the stored pod; whatever differs after that may not change.
+    munged = copy.deepcopy(new_spec)
+    for field in ("containers", "initContainers"):
+        for container, before in zip(_list_of(munged.get(field)), _list_of(old_spec.get(field)), strict=True):
+            if isinstance(container, dict) and isinstance(before, dict):
+                container["image"] = before.get("image")
+    for field in ("activeDeadlineSeconds", "tolerations", "schedulingGates"):
+        munged[field] = old_spec.get(field)
+    grace_before = old_spec.get("terminationGracePeriodSeconds")
+    if isinstance(grace_before, int) and grace_before < 0 and munged.get("terminationGracePeriodSeconds") == 1:
+        munged["terminationGracePeriodSeconds"] = grace_before
+    changed = changed_fields(_without_zero_values(old_spec), _without_zero_values(munged), "spec")
+    errs += [forbidden(path, "field is immutable") for path in changed]
+    if changed:
+        errs.append(
+            forbidden("spec", f"pod updates may not change fields other than {','.join(UPDATABLE_POD_SPEC_FIELDS)}")
+        )
+    return errs
+
+
+def _pod_update_refused(pod: Obj, store: Reader) -> ValidationError | None:
+    meta = pod["metadata"]
+    current = store.get(POD, meta["name"], meta["namespace"])
+    if current is None:
+        return None
+    # stored by a writer that skipped admission, perhaps: compared as the API server stores it
+    field_errors = pod_update_errors(pod, _default(current, POD))
+    return ValidationError(POD, meta["name"], field_errors) if field_errors else None
 
 
 def _pool_update_errors(pool: Pool, current: Obj | None) -> list[FieldError]:

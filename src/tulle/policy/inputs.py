@@ -76,12 +76,13 @@ class PodPeer:
     pod_selector: LabelSelector = EVERYTHING
 
     def text(self) -> str:
-        where = (
-            f"namespace {self.namespace}"
-            if self.namespace_selector is None
-            else f"namespaces {self.namespace_selector.text()}"
-        )
-        return f"pods {self.pod_selector.text()} in {where}"
+        """`pods app=a in namespace x`, `all pods in namespaces team=blue`, `all pods in all namespaces`."""
+        pods = "all pods" if self.pod_selector.empty else f"pods {self.pod_selector.text()}"
+        if self.namespace_selector is None:
+            return f"{pods} in namespace {self.namespace}"
+        if self.namespace_selector.empty:
+            return f"{pods} in all namespaces"
+        return f"{pods} in namespaces {self.namespace_selector.text()}"
 
 
 @dataclass(frozen=True)

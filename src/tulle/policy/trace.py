@@ -4,6 +4,11 @@
 function conntrack cutting uses (`tulle.policy.verdict.decide`). For each direction it says
 which pod's policies decide, which policies isolate it, which rules allow the flow, and for a
 denied flow why each candidate rule does not match (its peers or its ports).
+
+It speaks the user's words, never the model's (atoms, intervals): a rule is named by its
+policy, its direction and its place in the policy's `spec.ingress` or `spec.egress` counted
+from 1, and said with its peers and ports: `policy shop/allow-web, ingress rule 1 (from pods
+app=client in namespace shop, port 80/TCP)`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tulle.model.protocols import PROTOCOL_NAMES, PROTOCOL_NUMBERS
-from tulle.policy.compiler import EGRESS, INGRESS, PolicyModel, canonical_address
+from tulle.policy.compiler import EGRESS, INGRESS, CompiledPort, CompiledRule, PolicyModel, canonical_address
 from tulle.policy.verdict import (
     DirectionVerdict,
     decide,
@@ -47,14 +52,56 @@ def protocol_name(number: int) -> str:
     return PROTOCOL_NAMES.get(number, str(number))
 
 
+def ports_words(ports: tuple[CompiledPort, ...] | None) -> str:
+    """A rule's ports as a user reads them.
+
+    >>> ports_words(None), ports_words((CompiledPort(6, 80, 80),)), ports_words((CompiledPort(17),))
+    ('all ports', 'port 80/TCP', 'all UDP ports')
+    >>> ports_words((CompiledPort(6, 8000, 8080), CompiledPort(6, name="http")))
+    'ports 8000-8080/TCP, http/TCP'
+    """
+    if ports is None:
+        return "all ports"
+    if len(ports) == 1 and (ports[0].first, ports[0].last) == (0, 65535) and not ports[0].name:
+        return f"all {protocol_name(ports[0].protocol)} ports"
+    single = len(ports) == 1 and (ports[0].name or ports[0].first == ports[0].last)
+    return ("port " if single else "ports ") + ", ".join(p.text() for p in ports)
+
+
+def rule_body_words(rule: CompiledRule) -> str:
+    """What a rule allows: `from pods app=a in namespace x, port http/TCP`."""
+    word = "from" if rule.direction == INGRESS else "to"
+    peers = " or ".join(rule.peer_text) if rule.peer_text else "anywhere"
+    return f"{word} {peers}, {ports_words(rule.ports)}"
+
+
+def rule_words(rule: CompiledRule) -> str:
+    """`ingress rule 2 (from pods app=a in namespace x, port http/TCP)`: numbered from 1, in
+    the order of the policy's spec.ingress (or spec.egress)."""
+    return f"{rule.direction} rule {rule.index + 1} ({rule_body_words(rule)})"
+
+
+def policy_rule_words(rule: CompiledRule) -> str:
+    """`policy shop/allow-web, ingress rule 1 (from ..., port 80/TCP)`."""
+    return f"policy {rule.policy}, {rule_words(rule)}"
+
+
+def flow_port_words(protocol: int, port: int | None) -> str:
+    return f"port {port}/{protocol_name(protocol)}" if port is not None else f"protocol {protocol_name(protocol)}"
+
+
+def _policies_words(keys: tuple[str, ...]) -> str:
+    return ("policy " if len(keys) == 1 else "policies ") + ", ".join(keys)
+
+
 @dataclass(frozen=True)
 class RuleCheck:
     """One rule that could have allowed the flow, and which of its halves matched."""
 
     policy: str
     direction: str
-    index: int
-    text: str
+    index: int  # in the policy's spec.ingress or spec.egress, from 0
+    text: str  # in the user's words: policy_rule_words
     peer_matches: bool
     port_matches: bool
 
@@ -80,30 +127,30 @@ class DirectionTrace:
             return "not isolated"
         return "allowed" if v.allowed_by else "denied"
 
-    def lines(self, peer: str) -> list[str]:
+    def lines(self, peer: str, flow_port: str) -> list[str]:
+        """What decided this direction; `peer` names the other side, `flow_port` the flow's port."""
         v = self.verdict
         if v.pod is None:
             side = "destination" if v.direction == INGRESS else "source"
-            return [f"{v.direction}: allowed, the {side} is not a known pod (no policy applies)"]
+            return [f"{v.direction}: allowed, the {side} is not a pod (no policy applies)"]
         if not v.isolating:
             kind = "Ingress" if v.direction == INGRESS else "Egress"
-            return [f"{v.direction}: allowed, {v.pod} is not isolated (no policy selecting it has {kind})"]
-        out = [f"{v.direction}: {v.pod} is isolated by {', '.join(v.isolating)}"]
+            return [f"{v.direction}: allowed, pod {v.pod} is not isolated (no policy selecting it has {kind})"]
+        out = [f"{v.direction}: pod {v.pod} is isolated by {_policies_words(v.isolating)}"]
         if v.allowed_by:
-            for check in self.checks:
-                if check.allows:
-                    out.append(f"  allowed by {check.text}")
+            out += [f"  allowed by {check.text}" for check in self.checks if check.allows]
             return out
-        out.append(f"  denied: no {v.direction} rule of these policies allows it")
+        them = "this policy" if len(v.isolating) == 1 else "these policies"
+        out.append(f"  denied: no {v.direction} rule of {them} allows it")
         if not self.checks:
-            out.append(f"  (the policies have no {v.direction} rules: they deny all {v.direction})")
+            out.append(f"  ({them} {'has' if len(v.isolating) == 1 else 'have'} no {v.direction} rules)")
         for check in self.checks:
             why = []
             if not check.peer_matches:
                 why.append(f"{peer} is not one of its peers")
             if not check.port_matches:
-                why.append("the port does not match")
-            out.append(f"  {check.text}: {' and '.join(why)}")
+                why.append(f"{flow_port} is not one of its ports")
+            out.append(f"  {check.text}: {', and '.join(why)}")
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -134,8 +181,6 @@ class TraceResult:
     port: int | None
     src_pod: str | None
     dst_pod: str | None
-    src_atom: int
-    dst_atom: int
     egress: DirectionTrace
     ingress: DirectionTrace
 
@@ -149,11 +194,13 @@ class TraceResult:
 
     def lines(self) -> list[str]:
         """A readable explanation, one line per fact."""
+        src, dst = _side_words(self.src, self.src_pod), _side_words(self.dst, self.dst_pod)
+        flow_port = flow_port_words(self.protocol, self.port)
         out = [f"{'ALLOWED' if self.allowed else 'DENIED'}  {self.flow_text()}"]
-        out.append(f"  source       {self.src} ({self.src_pod or 'not a pod'}, atom {self.src_atom})")
-        out.append(f"  destination  {self.dst} ({self.dst_pod or 'not a pod'}, atom {self.dst_atom})")
-        out.extend("  " + line for line in self.egress.lines(f"{self.dst} ({self.dst_pod or 'not a pod'})"))
-        out.extend("  " + line for line in self.ingress.lines(f"{self.src} ({self.src_pod or 'not a pod'})"))
+        out.append(f"  source       {src}")
+        out.append(f"  destination  {dst}")
+        out.extend("  " + line for line in self.egress.lines(dst, flow_port))
+        out.extend("  " + line for line in self.ingress.lines(src, flow_port))
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -161,11 +208,15 @@ class TraceResult:
             "verdict": "allowed" if self.allowed else "denied",
             "protocol": protocol_name(self.protocol),
             "port": self.port,
-            "src": {"address": self.src, "pod": self.src_pod, "atom": self.src_atom},
-            "dst": {"address": self.dst, "pod": self.dst_pod, "atom": self.dst_atom},
+            "src": {"address": self.src, "pod": self.src_pod},
+            "dst": {"address": self.dst, "pod": self.dst_pod},
             "egress": self.egress.to_json(),
             "ingress": self.ingress.to_json(),
         }
+
+
+def _side_words(address: str, pod: str | None) -> str:
+    return f"pod {pod} ({address})" if pod else f"{address} (not a pod)"
 
 
 def _direction(
@@ -183,7 +234,7 @@ def _direction(
                     rule.policy,
                     direction,
                     rule.index,
-                    rule.text(),
+                    policy_rule_words(rule),
                     peer_matches(rule, family, verdict.peer_atom),
                     port_matches(rule, protocol, port, resolution),
                 )
@@ -212,8 +263,6 @@ def trace(model: PolicyModel, src: str, dst: str, protocol: str | int, port: int
         port=port,
         src_pod=src_pod.key if src_pod else None,
         dst_pod=dst_pod.key if dst_pod else None,
-        src_atom=model.atom(src),
-        dst_atom=model.atom(dst),
         egress=_direction(model, EGRESS, src, dst, number, port),
         ingress=_direction(model, INGRESS, src, dst, number, port),
     )
