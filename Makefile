@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CNI_BIN := bin/cni/tulle
 STAMPS := .make
 
-.PHONY: all deps venv cni demo test unit doctest lint bench chaos fuzz clean
+.PHONY: all deps venv cni demo test unit doctest lint bench chaos fuzz kubernetes clean
 
 all: cni
 
@@ -57,6 +57,11 @@ chaos: deps venv cni
 FUZZ_RUNS ?= 100000
 fuzz: venv cni
 	$(PY) -m tests.fuzz.run --runs $(FUZZ_RUNS) $(FUZZ_ARGS)
+
+# The upstream Kubernetes binaries of the `--kubernetes` lab, built once from the Go module proxy
+# into a cache outside the checkout (/var/cache/tulle/kubernetes/VERSION; docs/kubernetes.md).
+kubernetes: deps
+	./scripts/build-kubernetes
 
 bench: deps venv cni
 	$(PY) -m bench $(BENCH_ARGS)

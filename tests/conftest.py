@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.certlib import start_tls_etcd
+from tests.kubelib import ApiServer, missing_binaries, start_apiserver
 from tulle.datastore.base import Datastore
-from tulle.datastore.factory import open_datastore
+from tulle.datastore.factory import kubernetes_url, open_datastore
 from tulle.lab import pki
 from tulle.lab.etcd_server import EtcdServer, stop_pid
 
@@ -64,6 +65,29 @@ def etcd_server(session_ca: pki.Authority) -> Iterator[EtcdServer]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        stop_pid(server.pid)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kube_apiserver(session_ca: pki.Authority, etcd_server: EtcdServer) -> Iterator[ApiServer]:
+    """One real kube-apiserver for the session, on loopback, over the session's etcd (a key
+    prefix of its own), with Tulle's CRDs installed; `kube_apiserver.kubeconfig` is an admin's.
+    Skipped when the upstream binaries are not built (scripts/build-kubernetes)."""
+    from tulle.datastore.kubernetes import KubernetesDatastore, install_crds
+
+    reason = missing_binaries()
+    if reason:
+        pytest.skip(reason)
+    work = tempfile.mkdtemp(prefix="tulle-test-kube-")
+    server = start_apiserver(session_ca, etcd_server, work)
+    try:
+        store = open_datastore(kubernetes_url(server.kubeconfig))
+        assert isinstance(store, KubernetesDatastore)
+        install_crds(store)
+        store.close()
+        yield server
+    finally:
         stop_pid(server.pid)
         shutil.rmtree(work, ignore_errors=True)
 

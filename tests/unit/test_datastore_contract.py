@@ -1,7 +1,7 @@
-"""The datastore contract, checked on every backend: etcd (the real etcd 3.4) and in memory.
+"""The datastore contract, checked on every backend: etcd (the real etcd 3.4), in memory, and
+the Kubernetes API (a real kube-apiserver, tests/kubelib.py; skipped when it is not built).
 
-A backend is a Datastore when all of these hold (docs/design/datastore.md); the next backend
-(the Kubernetes API) is checked against the same suite.
+A backend is a Datastore when all of these hold (docs/design/datastore.md).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.kubelib import SYSTEM_NAMESPACES, ApiServer, remove_test_objects, unreachable_kubeconfig
 from tulle.datastore.base import (
     AlreadyExists,
     AtomicWriter,
@@ -30,7 +31,7 @@ from tulle.datastore.base import (
     WatchEvent,
     WatchExpired,
 )
-from tulle.datastore.factory import open_datastore
+from tulle.datastore.factory import kubernetes_url, open_datastore
 from tulle.datastore.memory import forget_server, memory_server
 from tulle.lab.etcd_server import EtcdServer, free_port
 from tulle.model.endpoints import WorkloadEndpoint
@@ -58,8 +59,27 @@ def _etcd_compact(server: EtcdServer) -> None:
     conn.close()
 
 
-@pytest.fixture(params=["etcd", "memory"])
-def backend(request: pytest.FixtureRequest, prefix: str) -> Iterator[Backend]:
+def _no_compaction() -> None:
+    pytest.skip(
+        "the API server's watch cache serves a version after etcd compacted it: "
+        "410 Gone is covered by tests/unit/test_kubernetes_datastore.py"
+    )
+
+
+@pytest.fixture(params=["etcd", "memory", "kubernetes"])
+def backend(request: pytest.FixtureRequest, prefix: str, tmp_path: Any) -> Iterator[Backend]:
+    if request.param == "kubernetes":
+        api: ApiServer = request.getfixturevalue("kube_apiserver")
+        kube = open_datastore(kubernetes_url(api.kubeconfig))
+        remove_test_objects(kube)
+        yield Backend(
+            kube,
+            _no_compaction,
+            lambda: open_datastore(kubernetes_url(unreachable_kubeconfig(api, str(tmp_path))), timeout=1),
+        )
+        remove_test_objects(kube)
+        kube.close()
+        return
     if request.param == "etcd":
         server: EtcdServer = request.getfixturevalue("etcd_server")
         ds = open_datastore(server.url, prefix, tls=server.client_tls)
@@ -79,6 +99,14 @@ def backend(request: pytest.FixtureRequest, prefix: str) -> Iterator[Backend]:
 
     yield Backend(open_datastore(f"memory://{name}"), mem.compact, cut_off)
     forget_server(name)
+
+
+def own_labels(obj: Obj | None) -> dict[str, str]:
+    """An object's labels without the one the API server puts on every Namespace."""
+    assert obj is not None
+    labels = dict(obj["metadata"].get("labels") or {})
+    labels.pop("kubernetes.io/metadata.name", None)
+    return labels
 
 
 def ns(name: str, labels: dict[str, str] | None = None) -> Obj:
@@ -122,7 +150,7 @@ def test_of_many_concurrent_creates_of_one_name_exactly_one_succeeds(backend: Ba
     for t in threads:
         t.join()
     assert len(wins) == 1
-    assert backend.ds.get(NAMESPACE, "contested")["metadata"]["labels"] == {"racer": str(wins[0])}  # type: ignore[index]
+    assert own_labels(backend.ds.get(NAMESPACE, "contested")) == {"racer": str(wins[0])}
 
 
 def test_update_is_compare_and_swap_on_the_resource_version(backend: Backend) -> None:
@@ -135,7 +163,7 @@ def test_update_is_compare_and_swap_on_the_resource_version(backend: Backend) ->
     first["metadata"]["labels"] = {"v": "stale"}
     with pytest.raises(Conflict):
         ds.update(first)  # written at a version that moved on
-    assert ds.get(NAMESPACE, "web")["metadata"]["labels"] == {"v": "1"}  # type: ignore[index]
+    assert own_labels(ds.get(NAMESPACE, "web")) == {"v": "1"}
 
 
 def test_update_without_a_version_replaces_but_keeps_identity_and_needs_the_object(backend: Backend) -> None:
@@ -145,21 +173,21 @@ def test_update_without_a_version_replaces_but_keeps_identity_and_needs_the_obje
     stored = ds.update(blind)
     assert stored["metadata"]["uid"] == made["metadata"]["uid"]
     assert stored["metadata"]["creationTimestamp"] == made["metadata"]["creationTimestamp"]
-    assert ds.get(NAMESPACE, "web")["metadata"]["labels"] == {"v": "2"}  # type: ignore[index]
+    assert own_labels(ds.get(NAMESPACE, "web")) == {"v": "2"}
     with pytest.raises(NotFound):
         ds.update(ns("absent"))
 
 
 def test_delete_with_a_version_is_compare_and_swap_and_a_missing_object_is_false(backend: Backend) -> None:
     ds = backend.ds
-    made = ds.create(ns("web"))
+    made = ds.create(pod("a"))  # a Pod, not a Namespace: the API server deletes a Pod at once
     made["metadata"]["labels"] = {"v": "1"}
     moved = ds.update(made)
     with pytest.raises(Conflict):
-        ds.delete(NAMESPACE, "web", resource_version=made["metadata"]["resourceVersion"])
-    assert ds.delete(NAMESPACE, "web", resource_version=moved["metadata"]["resourceVersion"])
-    assert ds.get(NAMESPACE, "web") is None
-    assert not ds.delete(NAMESPACE, "web")
+        ds.delete(POD, "a", "web", resource_version=made["metadata"]["resourceVersion"])
+    assert ds.delete(POD, "a", "web", resource_version=moved["metadata"]["resourceVersion"])
+    assert ds.get(POD, "a", "web") is None
+    assert not ds.delete(POD, "a", "web")
 
 
 def test_list_by_kind_and_namespace(backend: Backend) -> None:
@@ -169,8 +197,15 @@ def test_list_by_kind_and_namespace(backend: Backend) -> None:
     ds.create(ns("web"))
     assert sorted(p["metadata"]["name"] for p in ds.list(POD)[0]) == ["a", "b", "c"]
     assert sorted(p["metadata"]["name"] for p in ds.list(POD, "web")[0]) == ["a", "b"]
-    assert [n["metadata"]["name"] for n in ds.list(NAMESPACE)[0]] == ["web"]
+    assert [n["metadata"]["name"] for n in ds.list(NAMESPACE)[0] if n["metadata"]["name"] not in SYSTEM_NAMESPACES] == [
+        "web"
+    ]
     assert ds.list(NODE)[0] == []
+
+
+def _marked_for_deletion(event: WatchEvent) -> bool:
+    """The API server may mark a Pod deleted (deletionTimestamp, MODIFIED) before it removes it."""
+    return event.type == "MODIFIED" and bool(event.object["metadata"].get("deletionTimestamp"))
 
 
 def _drain(watch: Any, count: int, timeout: float = 10.0) -> list[WatchEvent]:
@@ -178,7 +213,7 @@ def _drain(watch: Any, count: int, timeout: float = 10.0) -> list[WatchEvent]:
     deadline = time.monotonic() + timeout
     while len(out) < count and time.monotonic() < deadline:
         event = watch.get(timeout=0.5)
-        if event is not None:
+        if event is not None and not _marked_for_deletion(event):
             out.append(event)
     return out
 

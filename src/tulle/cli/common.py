@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tulle.datastore.base import DEFAULT_PREFIX, AtomicWriter, Datastore, DatastoreError, Login, TlsFiles
-from tulle.datastore.factory import insecure_warning
+from tulle.datastore.factory import insecure_warning, kubernetes_url
 from tulle.datastore.factory import open_datastore as open_url
 
 
@@ -80,6 +80,9 @@ def add_datastore_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--lab", metavar="NAME", help="use the datastore of the lab NAME (`tulle lab up`)")
     group.add_argument("--datastore", metavar="URL", help="etcd URL, e.g. https://127.0.0.1:2379")
+    group.add_argument(
+        "--kubeconfig", metavar="PATH", help="use the Kubernetes API of this kubeconfig's current context"
+    )
     add_datastore_credential_args(parser, env=True)
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=argparse.SUPPRESS)
 
@@ -90,6 +93,9 @@ def open_datastore(args: argparse.Namespace) -> Datastore:
     from tulle.model.kinds import NAMESPACE
 
     url = getattr(args, "datastore", None) or os.environ.get("TULLE_DATASTORE")
+    kubeconfig = getattr(args, "kubeconfig", None)
+    if kubeconfig:
+        url = kubernetes_url(kubeconfig)
     tls, login = datastore_credentials(args, os.environ)
     insecure = bool(getattr(args, "insecure_datastore", False))
     lab = getattr(args, "lab", None)
@@ -99,7 +105,9 @@ def open_datastore(args: argparse.Namespace) -> Datastore:
         access = enter_lab_datastore(lab)
         url, tls, login = access.url, access.tls, access.login
     if not url:
-        raise UserError("say which datastore to use: --lab NAME or --datastore URL (or set TULLE_DATASTORE)")
+        raise UserError(
+            "say which datastore to use: --lab NAME, --datastore URL or --kubeconfig PATH (or set TULLE_DATASTORE)"
+        )
     if insecure and url.startswith(("http:", "etcd+http:")):
         print(f"warning: {insecure_warning(url)}", file=sys.stderr)
     try:

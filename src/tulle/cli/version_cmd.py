@@ -76,7 +76,9 @@ def _agent_word(row: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     client = installed_version()
-    wants_agents = bool(args.lab or args.datastore or os.environ.get("TULLE_DATASTORE"))
+    wants_agents = bool(
+        args.lab or args.datastore or getattr(args, "kubeconfig", None) or os.environ.get("TULLE_DATASTORE")
+    )
     if args.output == "text":
         print(f"Client Version: {client}")
         sys.stdout.flush()  # said before the datastore is tried, whatever it answers

@@ -6,7 +6,10 @@ which backends exist or how they are built.
 - `http://HOST:PORT` (or `etcd+http://`): the same in plain HTTP, refused unless the caller
   says `insecure`: whoever reaches such an etcd (a pod, on most networks) can read and rewrite
   every object, so it takes a deliberate choice, and the caller warns at every start;
-- `memory://NAME`: the in-memory backend, shared by everything in this process that opens NAME.
+- `memory://NAME`: the in-memory backend, shared by everything in this process that opens NAME;
+- `kubernetes:///PATH/TO/KUBECONFIG` (`kubernetes://` alone: $KUBECONFIG, else ~/.kube/config):
+  the Kubernetes API server of that kubeconfig's current context, with its credential (the CLI's
+  `--kubeconfig PATH` says the same); `prefix` does not apply (the API server has its own).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def open_datastore(
     >>> open_datastore("ftp://x")
     Traceback (most recent call last):
     ...
-    tulle.datastore.base.DatastoreError: datastore URL 'ftp://x' is neither etcd (https://HOST:PORT) nor memory://NAME
+    tulle.datastore.base.DatastoreError: datastore URL 'ftp://x' is neither etcd (https://HOST:PORT), ...
     >>> open_datastore("http://127.0.0.1:2379")
     Traceback (most recent call last):
     ...
@@ -69,8 +72,39 @@ def open_datastore(
                 "and --datastore-key"
             )
         return EtcdDatastore(EtcdClient(endpoint, timeout=timeout, tls=tls, login=login), prefix)
+    if parts.scheme == "kubernetes":
+        return _open_kubernetes(parts.path or kubeconfig_default(), timeout)
     if parts.scheme == "memory" and parts.netloc:
         from tulle.datastore.memory import MemoryDatastore, memory_server
 
         return MemoryDatastore(memory_server(parts.netloc))
-    raise DatastoreError(f"datastore URL {url!r} is neither etcd (https://HOST:PORT) nor memory://NAME")
+    raise DatastoreError(
+        f"datastore URL {url!r} is neither etcd (https://HOST:PORT), kubernetes:///KUBECONFIG nor memory://NAME"
+    )
+
+
+def kubeconfig_default() -> str:
+    """Where kubectl looks: the first file of $KUBECONFIG, else ~/.kube/config."""
+    import os
+
+    listed = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    return listed or os.path.expanduser("~/.kube/config")
+
+
+def kubernetes_url(kubeconfig: str) -> str:
+    """The datastore URL of a kubeconfig file.
+
+    >>> kubernetes_url("/etc/tulle/agent.kubeconfig")
+    'kubernetes:///etc/tulle/agent.kubeconfig'
+    """
+    import os
+
+    return f"kubernetes://{os.path.abspath(kubeconfig)}"
+
+
+def _open_kubernetes(kubeconfig: str, timeout: float) -> Datastore:
+    from tulle.datastore.kube_client import KubeClient
+    from tulle.datastore.kubeconfig import read_kubeconfig
+    from tulle.datastore.kubernetes import KubernetesDatastore
+
+    return KubernetesDatastore(KubeClient(read_kubeconfig(kubeconfig), timeout=timeout))
