@@ -54,6 +54,7 @@ WITHOUT_ETCD: dict[Path, tuple[int, str]] = {
     ("lab", "etcd", "resume"): (1, "not running"),
     ("lab", "exec"): (0, ""),  # in the pod's namespace, which needs no etcd
     ("lab", "logs"): (0, ""),  # the agent's log file
+    ("lab", "kubeconfig"): (1, "runs no Kubernetes"),  # a file of the lab, which needs no etcd
     ("lab", "pod", "del"): (0, "deleted"),  # the Pod object is owed until etcd answers (README)
     ("lab", "node", "del"): (1, "no node node9"),  # refused before etcd is asked
 }

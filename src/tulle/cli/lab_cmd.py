@@ -45,8 +45,18 @@ def register(sub: Any) -> None:
         "blocks are deleted (default: %(default)s)",
     )
     p.add_argument("--resync", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="also run upstream Kubernetes: an API server, controller-manager and scheduler on the underlay, "
+        "containerd and a kubelet on each node, with Tulle as their CNI (docs/kubernetes.md)",
+    )
     p.add_argument("--json", action="store_true", help="print the lab's status as JSON")
     p.set_defaults(func=up)
+
+    p = labsub.add_parser("kubeconfig", help="print the path of a --kubernetes lab's admin kubeconfig")
+    p.add_argument("name", metavar="LAB", help="the lab's name")
+    p.set_defaults(func=kubeconfig)
 
     p = labsub.add_parser(
         "down", help="stop every process in a lab's namespaces (by PID) and remove everything of the lab"
@@ -156,6 +166,7 @@ def _lab(name: str) -> Any:
 def _errors() -> tuple[type[BaseException], ...]:
     from tulle.datastore.base import DatastoreError
     from tulle.lab.cluster import LabError
+    from tulle.lab.kubernetes import KubernetesError
     from tulle.lab.podman import PodmanError
     from tulle.lab.runtime import CniFailure
     from tulle.lab.state import LabNotFound
@@ -164,6 +175,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 
     return (
         LabError,
+        KubernetesError,
         LabNotFound,
         TopologyError,
         CniFailure,
@@ -242,6 +254,7 @@ def up(args: argparse.Namespace) -> int:
             node_grace=args.node_grace,
             progress=_progress(not args.json),
             resync=args.resync,
+            kubernetes=args.kubernetes,
         )
     except LabExists as exc:
         raise UserError(str(exc)) from None  # nothing failed: the lab is there, as it was
@@ -254,6 +267,17 @@ def up(args: argparse.Namespace) -> int:
         print_json(info)
     else:
         print(f"lab {args.name} is up: {len(info['nodes'])} nodes, {info['mode']} mode, etcd at {info['etcd']}")
+    return 0
+
+
+@_user_errors
+def kubeconfig(args: argparse.Namespace) -> int:
+    from tulle.lab import kubernetes as lab_kubernetes
+    from tulle.lab import state as lab_state
+
+    if not lab_state.load(args.name).get("kubernetes"):
+        raise UserError(f"lab {args.name} runs no Kubernetes (made without --kubernetes)")
+    print(lab_kubernetes.kubeconfig_path(lab_state.lab_dir(args.name)))
     return 0
 
 

@@ -23,7 +23,7 @@ from tulle.datastore.base import AccessControl, AtomicWriter, Datastore, Datasto
 from tulle.datastore.factory import open_datastore
 from tulle.lab import pki, topology
 from tulle.lab import state as lab_state
-from tulle.lab.etcd_server import EtcdServer, ServerTls, pid_alive, stop_pid
+from tulle.lab.etcd_server import EtcdServer, ServerTls, pid_alive, runs_as, stop_pid
 from tulle.lab.etcd_server import start_etcd as launch_etcd
 from tulle.lab.namespaces import PODMAN_NETNS_PREFIX, HeldNamespaces, podman_namespaces_linked_to, stop_processes_in
 from tulle.lab.pod_server import ServeError, served_ports
@@ -184,6 +184,7 @@ class Lab:
         resync: float | None = None,
         connection_limit: int | None = None,
         source_verification: bool = True,
+        kubernetes: bool = False,
     ) -> dict[str, Any]:
         if not 1 <= nodes <= topology.MAX_NODE_INDEX:
             raise LabError(f"nodes: a lab has 1 to {topology.MAX_NODE_INDEX} nodes, not {nodes}")
@@ -241,6 +242,10 @@ class Lab:
             ready_within = 60.0 + nodes  # the agents start together on few cores
             with ThreadPoolExecutor(max_workers=min(16, nodes)) as pool:
                 list(pool.map(lambda n: self.wait_agent_ready(state, n, timeout=ready_within), names))
+            if kubernetes:
+                from tulle.lab import kubernetes as lab_kubernetes
+
+                lab_kubernetes.up(self, state, progress)
         except BaseException:
             lab_state.save(self.name, state)
             raise
@@ -265,6 +270,10 @@ class Lab:
         podman_namespaces = self._podman_namespaces(state)  # before `podman rm` unlinks them
         named = [f"/run/netns/{ns}" for ns in topology.lab_namespaces(self.name)]
         with HeldNamespaces([*named, *podman_namespaces]) as held:
+            if state.get("kubernetes"):
+                from tulle.lab import kubernetes as lab_kubernetes
+
+                lab_kubernetes.down(self.dir, state, progress)  # pods, kubelets, containerd, control plane
             self._stop_own_processes(state, progress)
             progress("processes left in the lab's namespaces")
             stop_processes_in(held.ids)
@@ -1016,20 +1025,9 @@ def _forget_pod_delete(state: dict[str, Any], key: str) -> None:
 # -- processes, by PID ------------------------------------------------------------------------
 
 
-def _runs(pid: int, expect: str) -> bool:
-    """Is `pid` a live process whose command line names `expect` (a reused PID is not ours)?"""
-    if pid <= 0 or not pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return expect.encode() in f.read()
-    except FileNotFoundError:
-        return False
-
-
 def _process_state(pid: int, expect: str) -> str:
     """'running', 'paused' (SIGSTOP) or 'stopped'."""
-    if not _runs(pid, expect):
+    if not runs_as(pid, expect):
         return "stopped"
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -1040,7 +1038,7 @@ def _process_state(pid: int, expect: str) -> str:
 
 
 def _signal(pid: int, sig: signal.Signals, expect: str) -> bool:
-    if not _runs(pid, expect):
+    if not runs_as(pid, expect):
         return False
     try:
         os.kill(pid, sig)

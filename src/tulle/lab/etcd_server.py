@@ -138,6 +138,17 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def runs_as(pid: int, expect: str) -> bool:
+    """Is `pid` a live process whose command line names `expect` (a reused PID is not ours)?"""
+    if pid <= 0 or not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return expect.encode() in f.read()
+    except FileNotFoundError:
+        return False
+
+
 def stop_pid(pid: int, timeout: float = 10.0, expect: str | None = None) -> None:
     """Stop one process by PID: SIGTERM, then SIGKILL. `expect` guards against a reused PID."""
     if expect is not None:
